@@ -1,0 +1,92 @@
+"""MSA operators behind one backend switch.
+
+The model calls only the four functions below; each picks the plain PyTorch oracle
+(``reference``) or the Hopper kernels (``triton``). ``auto`` means Triton on CUDA tensors and the
+reference elsewhere. All tensors are packed THD (see ops/reference.py for shapes).
+
+- ``select_blocks``   indexer + top-k: (topk [G, T, k] int32, index lse [G, T] fp32), no grad
+- ``sparse_attention`` main branch over the selection: (o, lse), differentiable in q, k, v
+- ``dense_attention``  causal attention inside each document: (o, lse), differentiable in q, k, v
+- ``indexer_kl``       KL(teacher || index) scalar, differentiable in qi, ki only
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from msa_megatron.ops import reference
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass(frozen=True)
+class MSAShape:
+    """Static parameters of one MSA call."""
+
+    block_size: int
+    topk: int
+    softmax_scale: float
+    index_scale: float
+    max_seqlen: int
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"attention.backend={name!r}: must be one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if name == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError("attention.backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    return name
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton():
+    from msa_megatron.ops import triton as triton_ops
+
+    return triton_ops
+
+
+def select_blocks(qi, ki, cu_seqlens, shape: MSAShape, backend: str):
+    if backend == "triton":
+        return _triton().select_blocks(qi, ki, cu_seqlens, shape)
+    return reference.msa_indexer(qi, ki, cu_seqlens, shape.block_size, shape.topk, shape.index_scale)
+
+
+def sparse_attention(q, k, v, topk, cu_seqlens, shape: MSAShape, backend: str):
+    if backend == "triton":
+        return _triton().sparse_attention(q, k, v, topk, cu_seqlens, shape)
+    return reference.sparse_attention(q, k, v, topk, cu_seqlens, shape.block_size, shape.softmax_scale)
+
+
+def dense_attention(q, k, v, cu_seqlens, shape: MSAShape, backend: str):
+    if backend == "triton":
+        return _triton().dense_attention(q, k, v, cu_seqlens, shape)
+    return reference.dense_attention(q, k, v, cu_seqlens, shape.softmax_scale)
+
+
+def indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape: MSAShape, backend: str, total_groups: Optional[int] = None):
+    """KL value; its backward reaches qi and ki only. topk=None: dense-warmup support.
+
+    ``lse`` (main branch, [T, Hq]) and ``index_lse`` ([G, T], over the same support; None in the
+    dense stage, where the backend computes it) let fused kernels rebuild both distributions
+    without a second softmax pass; the reference ignores them.
+    """
+    if backend == "triton":
+        return _triton().indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape, total_groups)
+    return reference.indexer_kl(
+        q, k, qi, ki, cu_seqlens, topk, shape.block_size, shape.softmax_scale, shape.index_scale, total_groups
+    )
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

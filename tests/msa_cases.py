@@ -1,0 +1,90 @@
+"""Random packed MSA inputs shared by the op tests (CPU, float64 unless asked otherwise)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    qi: torch.Tensor
+    ki: torch.Tensor
+    cu_seqlens: torch.Tensor
+    block_size: int
+    topk: int
+
+    @property
+    def lengths(self):
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def doc(self, n: int) -> "Case":
+        """Document n alone, as its own one-document batch."""
+        a, b = int(self.cu_seqlens[n]), int(self.cu_seqlens[n + 1])
+        cu = torch.tensor([0, b - a], dtype=torch.int32)
+        return Case(self.q[a:b], self.k[a:b], self.v[a:b], self.qi[a:b], self.ki[a:b], cu, self.block_size, self.topk)
+
+    def tensors(self):
+        return self.q, self.k, self.v, self.qi, self.ki
+
+
+def make_case(
+    lengths,
+    hq=4,
+    hkv=2,
+    d=8,
+    di=8,
+    block_size=4,
+    topk=3,
+    dtype=torch.float64,
+    seed=0,
+    requires_grad=False,
+) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+
+    def rnd(*shape):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+        return t.requires_grad_(requires_grad)
+
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    return Case(rnd(total, hq, d), rnd(total, hkv, d), rnd(total, hkv, d), rnd(total, hkv, di), rnd(total, 1, di), cu, block_size, topk)
+
+
+def naive_block_scores(qi, ki, cu_seqlens, block_size, index_scale):
+    """Per-query Python loop: {block: max score} over visible tokens of the query's document."""
+    out = {}
+    cu = cu_seqlens.tolist()
+    for n in range(len(cu) - 1):
+        for i in range(cu[n], cu[n + 1]):
+            for g in range(qi.shape[1]):
+                scores = {}
+                for j in range(cu[n], i + 1):
+                    b = (j - cu[n]) // block_size
+                    s = float((qi[i, g] * ki[j, 0]).sum()) * index_scale
+                    scores[b] = max(scores.get(b, float("-inf")), s)
+                out[(g, i)] = scores
+    return out
+
+
+def naive_attention(q, k, v, cu_seqlens, keep, scale):
+    """Per-query loop softmax attention; keep(g, i, j) says whether key j is in query i's support."""
+    total, hq, d = q.shape
+    r = hq // k.shape[1]
+    o = torch.zeros_like(q)
+    lse = torch.zeros(total, hq, dtype=q.dtype)
+    cu = cu_seqlens.tolist()
+    for n in range(len(cu) - 1):
+        for i in range(cu[n], cu[n + 1]):
+            for h in range(hq):
+                g = h // r
+                js = [j for j in range(cu[n], i + 1) if keep(g, i, j)]
+                s = torch.stack([(q[i, h] * k[j, g]).sum() * scale for j in js])
+                lse[i, h] = torch.logsumexp(s, 0)
+                p = torch.softmax(s, 0)
+                o[i, h] = sum(p[t] * v[j, g] for t, j in enumerate(js))
+    return o, lse
