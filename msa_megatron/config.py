@@ -1,0 +1,388 @@
+"""Typed configuration schema, validation with one-line errors, and the megatron-core config.
+
+Hydra composes YAML from conf/; `load_config` merges it onto these dataclasses (type checks),
+then `validate` checks the relations between values. Every error is a `ConfigError` whose one
+line names the offending key and value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: int = 16
+    ffn_hidden_size: int = 128  # dense MLP width (layers without experts)
+    num_moe_experts: Optional[int] = 4  # null: dense MLP everywhere
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = 64
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_aux_loss_coeff: float = 1e-2
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False
+    vocab_size: int = 512
+    max_position_embeddings: int = 8192
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    qk_layernorm: bool = False
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = True
+
+
+@dataclass
+class KLConfig:
+    coeff: float = 1.0  # lambda; MSA.md default, unpublished in the paper
+
+
+@dataclass
+class AttentionConfig:
+    type: str = "msa"  # msa | gqa (dense baseline, same names minus *.indexer.*)
+    block_size: int = 128
+    topk_blocks: int = 16  # includes the forced local block
+    index_head_dim: int = 128
+    index_norm: bool = True  # per-head RMSNorm on qi / ki
+    index_rope: bool = True  # main branch's (partial) RoPE on qi / ki
+    index_init_std: float = 0.02
+    kl: KLConfig = field(default_factory=KLConfig)
+    backend: str = "auto"  # auto | reference | triton
+    recall_interval: int = 0  # steps between recall diagnostics (0: off)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: Optional[bool] = None  # null: on whenever TP > 1
+    use_distributed_optimizer: bool = False
+    distributed_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class DataConfig:
+    type: str = "mock"  # mock | indexed
+    seq_length: int = 256
+    # mock
+    mock_min_doc: int = 16
+    mock_max_doc: int = 512
+    # indexed (megatron .bin/.idx): blend entries are [weight, prefix] pairs
+    blend: list = field(default_factory=list)
+    split: str = "98,2,0"
+    cache_dir: Optional[str] = None
+    tokenizer: Optional[str] = None  # tokenizer.json file or directory holding one
+    pack_documents: bool = True  # cu_seqlens per document; false: megatron's plain concatenation
+    reset_position_ids: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 10
+    lr_decay_style: str = "cosine"
+    index_lr: Optional[float] = None  # param-group override for *.indexer.* (null: same as lr)
+
+
+@dataclass
+class StageConfig:
+    name: str = "msa_pt"
+    mode: str = "pt"  # pt | cpt: dense warmup then sparse; dense: dense attention + dense KL throughout
+    warmup_tokens: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    micro_batch_size: int = 1
+    global_batch_size: int = 2
+    precision: str = "fp32"  # fp32 | bf16
+    log_interval: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "msa-megatron"
+    entity: Optional[str] = None
+    mode: str = "offline"  # online | offline | disabled
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    metrics_jsonl: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str = "debug"
+    output_dir: str = "outputs/debug"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(cfg: Any) -> RunConfig:
+    """Merge a Hydra/OmegaConf/dict config onto the schema, type-check it, and validate it."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        run: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {reason}") from None
+    validate(run)
+    return run
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
+    m, a, p, d, o, s, t = c.model, c.attention, c.parallel, c.data, c.optim, c.stage, c.train
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "vocab_size"):
+        _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    _require(
+        m.num_attention_heads % m.num_query_groups == 0,
+        "model.num_attention_heads",
+        m.num_attention_heads,
+        f"must be divisible by model.num_query_groups={m.num_query_groups}",
+    )
+    _require(0.0 < m.rotary_percent <= 1.0, "model.rotary_percent", m.rotary_percent, "must be in (0, 1]")
+    if m.num_moe_experts is not None:
+        _require(m.num_moe_experts >= 1, "model.num_moe_experts", m.num_moe_experts, "must be >= 1 or null")
+        _require(
+            1 <= m.moe_router_topk <= m.num_moe_experts,
+            "model.moe_router_topk",
+            m.moe_router_topk,
+            f"must be in [1, model.num_moe_experts={m.num_moe_experts}]",
+        )
+        _one_of("model.moe_token_dispatcher_type", m.moe_token_dispatcher_type, ("alltoall", "allgather"))
+
+    _one_of("attention.type", a.type, ("msa", "gqa"))
+    _one_of("attention.backend", a.backend, ("auto", "reference", "triton"))
+    _require(a.topk_blocks >= 1, "attention.topk_blocks", a.topk_blocks, "must be >= 1 (it includes the local block)")
+    _require(
+        a.block_size >= 1 and a.block_size & (a.block_size - 1) == 0,
+        "attention.block_size",
+        a.block_size,
+        "must be a power of two",
+    )
+    _require(a.index_head_dim >= 1, "attention.index_head_dim", a.index_head_dim, "must be >= 1")
+    rotary_dim = int(m.kv_channels * m.rotary_percent)
+    if a.type == "msa" and a.index_rope:
+        _require(
+            a.index_head_dim >= rotary_dim and rotary_dim % 2 == 0,
+            "attention.index_head_dim",
+            a.index_head_dim,
+            f"index RoPE rotates {rotary_dim} dims (kv_channels*rotary_percent): need an even count <= index_head_dim",
+        )
+    _require(a.kl.coeff >= 0.0, "attention.kl.coeff", a.kl.coeff, "must be >= 0")
+    _require(a.recall_interval >= 0, "attention.recall_interval", a.recall_interval, "must be >= 0")
+
+    tp, pp, cp, ep = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        p.expert_model_parallel_size,
+    )
+    for key, v in (("tensor", tp), ("pipeline", pp), ("context", cp), ("expert", ep)):
+        _require(v >= 1, f"parallel.{key}_model_parallel_size" if key != "context" else "parallel.context_parallel_size", v, "must be >= 1")
+    _require(
+        m.num_query_groups % tp == 0,
+        "parallel.tensor_model_parallel_size",
+        tp,
+        f"must divide model.num_query_groups={m.num_query_groups} (MSA shards whole KV groups and their index heads)",
+    )
+    _require(
+        m.num_attention_heads % tp == 0,
+        "parallel.tensor_model_parallel_size",
+        tp,
+        f"must divide model.num_attention_heads={m.num_attention_heads}",
+    )
+    _require(
+        cp == 1,
+        "parallel.context_parallel_size",
+        cp,
+        "context parallelism is not implemented yet for MSA; use 1",
+    )
+    if p.sequence_parallel is False and tp > 1 and m.num_moe_experts is not None:
+        raise ConfigError(f"parallel.sequence_parallel=False: MoE with tensor_model_parallel_size={tp} needs sequence parallelism")
+    _require(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size", pp, f"must divide model.num_layers={m.num_layers}")
+    if m.num_moe_experts is not None:
+        _require(m.num_moe_experts % ep == 0, "parallel.expert_model_parallel_size", ep, f"must divide model.num_moe_experts={m.num_moe_experts}")
+    _one_of("parallel.distributed_backend", p.distributed_backend, ("auto", "nccl", "gloo"))
+
+    _one_of("data.type", d.type, ("mock", "indexed"))
+    _require(d.seq_length >= 2, "data.seq_length", d.seq_length, "must be >= 2")
+    _require(
+        d.seq_length <= m.max_position_embeddings,
+        "data.seq_length",
+        d.seq_length,
+        f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
+    )
+
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _require(o.index_lr is None or o.index_lr > 0, "optim.index_lr", o.index_lr, "must be > 0 or null")
+    _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
+    _require(o.lr_warmup_steps >= 0, "optim.lr_warmup_steps", o.lr_warmup_steps, "must be >= 0")
+    _one_of("optim.lr_decay_style", o.lr_decay_style, ("cosine", "linear", "constant"))
+
+    _one_of("stage.mode", s.mode, ("pt", "cpt", "dense"))
+    _require(s.warmup_tokens >= 0, "stage.warmup_tokens", s.warmup_tokens, "must be >= 0")
+
+    _require(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    _require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")
+    if world_size is not None:
+        model_parallel = tp * pp * cp
+        _require(
+            world_size % model_parallel == 0,
+            "parallel",
+            f"TP{tp}xPP{pp}xCP{cp}",
+            f"model-parallel size {model_parallel} must divide the world size {world_size}",
+        )
+        dp = world_size // model_parallel
+        per_step = t.micro_batch_size * dp
+        _require(
+            t.global_batch_size % per_step == 0,
+            "train.global_batch_size",
+            t.global_batch_size,
+            f"must be a multiple of micro_batch_size*data_parallel={per_step}",
+        )
+        _require(
+            (dp * tp * cp) % ep == 0 if m.num_moe_experts else True,
+            "parallel.expert_model_parallel_size",
+            ep,
+            f"must divide data*tensor*context parallel ranks={dp * tp * cp}",
+        )
+
+
+def data_parallel_size(c: RunConfig, world_size: int) -> int:
+    p = c.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
+
+
+def num_microbatches(c: RunConfig, world_size: int) -> int:
+    return c.train.global_batch_size // (c.train.micro_batch_size * data_parallel_size(c, world_size))
+
+
+def tokens_per_step(c: RunConfig) -> int:
+    return c.train.global_batch_size * c.data.seq_length
+
+
+def is_sparse_stage(c: RunConfig, consumed_tokens: int) -> bool:
+    """Dense warmup until `warmup_tokens` have been consumed, sparse after (never, in mode dense)."""
+    if c.attention.type != "msa" or c.stage.mode == "dense":
+        return False
+    return consumed_tokens >= c.stage.warmup_tokens
+
+
+def to_transformer_config(c: RunConfig, *, use_cpu_initialization: bool):
+    """The megatron-core TransformerConfig for this run."""
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p = c.model, c.parallel
+    bf16 = c.train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tp = p.tensor_model_parallel_size
+    sequence_parallel = p.sequence_parallel if p.sequence_parallel is not None else tp > 1
+    moe = m.num_moe_experts is not None
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.layernorm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        num_moe_experts=m.num_moe_experts,
+        moe_router_topk=m.moe_router_topk if moe else 2,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size if moe else None,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size if moe else None,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff if moe else 0.0,
+        moe_router_load_balancing_type="aux_loss",
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        moe_grouped_gemm=m.moe_grouped_gemm,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=bf16,
+        use_cpu_initialization=use_cpu_initialization,
+        calculate_per_token_loss=False,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        rotary_interleaved=False,
+        deterministic_mode=False,
+    )
+
+
+def index_rotary_dim(c: RunConfig) -> int:
+    return int(c.model.kv_channels * c.model.rotary_percent)
+
+
+def softmax_scale(c: RunConfig) -> float:
+    return 1.0 / math.sqrt(c.model.kv_channels)

@@ -1,0 +1,35 @@
+"""Data sources for training: each yields PackedBatch micro-batches for one data-parallel rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+from msa_megatron.data.batch import PackedBatch, pack_samples
+
+__all__ = ["DataStreams", "PackedBatch", "build_data", "pack_samples"]
+
+
+@dataclass
+class DataStreams:
+    train: Iterator[PackedBatch]  # endless micro-batches for this data-parallel rank
+    valid: Optional[Callable[[], Iterator[PackedBatch]]]  # fresh pass over validation micro-batches, or None
+    eod: int
+
+
+def build_data(cfg, *, dp_rank: int, dp_size: int, consumed_microbatches: int = 0) -> DataStreams:
+    """Streams for `cfg.data.type`. `consumed_microbatches` (per rank) lets a resumed run continue the stream."""
+    d = cfg.data
+    if d.type == "mock":
+        from msa_megatron.data.mock import mock_batches
+
+        common = dict(
+            vocab_size=cfg.model.vocab_size,
+            seq_length=d.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            min_doc=d.mock_min_doc,
+            max_doc=d.mock_max_doc,
+        )
+        train = mock_batches(**common, seed=cfg.train.seed, dp_rank=dp_rank, start=consumed_microbatches)
+        return DataStreams(train=train, valid=None, eod=cfg.model.vocab_size - 1)
+    raise ValueError(f"data.type={d.type!r}: not available yet")

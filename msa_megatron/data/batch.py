@@ -1,0 +1,86 @@
+"""The packed micro-batch every data source produces and the training step consumes.
+
+A micro-batch is `micro_batch_size` samples of `seq_length` tokens flattened into one THD pack
+([1, T] with T = micro_batch_size * seq_length). `cu_seqlens` delimits documents inside the pack
+(a sample edge is always a document edge), so attention, index scores and the KL never cross a
+document. Positions restart at every document start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # [1, T] int64
+    labels: torch.Tensor  # [1, T] int64, next token of the same document
+    loss_mask: torch.Tensor  # [1, T] float32, 0 where the label would cross a document edge
+    position_ids: torch.Tensor  # [1, T] int64, position inside the document
+    cu_seqlens: torch.Tensor  # [n_docs + 1] int32, document edges over the T tokens
+    max_seqlen: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    def to(self, device) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if torch.is_tensor(value):
+                moved[name] = value.to(device, non_blocking=True)
+        return PackedBatch(**moved)
+
+    def packed_seq_params(self):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
+
+
+def pack_samples(samples: list[torch.Tensor], eod: int, split_documents: bool = True, reset_positions: bool = True) -> PackedBatch:
+    """Build a PackedBatch from samples of seq_length + 1 token ids each (megatron's GPTDataset form).
+
+    With ``split_documents`` every EOD token ends a document: attention stops there and the EOD
+    position's label (the next document's first token) is masked out of the loss. Without it each
+    sample is one sequence (megatron's plain concatenation). ``reset_positions`` restarts
+    position ids at each document.
+    """
+    tokens, labels, masks, positions, edges = [], [], [], [], [0]
+    offset = 0
+    for s in samples:
+        s = s.to(torch.long)
+        tok, lab = s[:-1], s[1:]
+        n = tok.numel()
+        is_eod = tok == eod
+        if split_documents:
+            ends = (torch.nonzero(is_eod).flatten() + 1).tolist()
+            doc_ends = [e for e in ends if e < n] + [n]
+            mask = (~is_eod).to(torch.float32)
+        else:
+            doc_ends = [n]
+            mask = torch.ones(n, dtype=torch.float32)
+        starts = [0] + doc_ends[:-1]
+        pos = torch.cat([torch.arange(e - b) for b, e in zip(starts, doc_ends)])
+        if not reset_positions:
+            pos = torch.arange(n)
+        edges.extend(offset + e for e in doc_ends)
+        tokens.append(tok), labels.append(lab), masks.append(mask), positions.append(pos)
+        offset += n
+    cu = torch.tensor(edges, dtype=torch.int32)
+    max_seqlen = int((cu[1:] - cu[:-1]).max())
+    return PackedBatch(
+        tokens=torch.cat(tokens)[None],
+        labels=torch.cat(labels)[None],
+        loss_mask=torch.cat(masks)[None],
+        position_ids=torch.cat(positions)[None],
+        cu_seqlens=cu,
+        max_seqlen=max_seqlen,
+    )
