@@ -43,6 +43,7 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = True
+    transformer_impl: str = "auto"  # auto (Transformer Engine when importable) | local | transformer_engine
 
 
 @dataclass
@@ -190,6 +191,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
         m.num_attention_heads,
         f"must be divisible by model.num_query_groups={m.num_query_groups}",
     )
+    _one_of("model.transformer_impl", m.transformer_impl, ("auto", "local", "transformer_engine"))
     _require(0.0 < m.rotary_percent <= 1.0, "model.rotary_percent", m.rotary_percent, "must be in (0, 1]")
     if m.num_moe_experts is not None:
         _require(m.num_moe_experts >= 1, "model.num_moe_experts", m.num_moe_experts, "must be >= 1 or null")
@@ -275,6 +277,12 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     _require(s.warmup_tokens >= 0, "stage.warmup_tokens", s.warmup_tokens, "must be >= 0")
 
     _require(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    _require(
+        o.lr_warmup_steps < t.steps,
+        "optim.lr_warmup_steps",
+        o.lr_warmup_steps,
+        f"must be smaller than train.steps={t.steps}",
+    )
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
     _require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")
@@ -313,13 +321,6 @@ def num_microbatches(c: RunConfig, world_size: int) -> int:
 
 def tokens_per_step(c: RunConfig) -> int:
     return c.train.global_batch_size * c.data.seq_length
-
-
-def is_sparse_stage(c: RunConfig, consumed_tokens: int) -> bool:
-    """Dense warmup until `warmup_tokens` have been consumed, sparse after (never, in mode dense)."""
-    if c.attention.type != "msa" or c.stage.mode == "dense":
-        return False
-    return consumed_tokens >= c.stage.warmup_tokens
 
 
 def to_transformer_config(c: RunConfig, *, use_cpu_initialization: bool):

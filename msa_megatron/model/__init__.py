@@ -1,0 +1,1 @@
+"""MSA inside megatron-core: attention modules, index branch, layer specs, model builder."""

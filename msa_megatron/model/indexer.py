@@ -1,0 +1,95 @@
+"""The index branch of one MSA layer: index query / key projections on the detached layer input.
+
+- `linear_q`: one index query head per KV group, column-parallel, so tensor-parallel rank t owns
+  exactly the index heads of the KV groups it owns in `linear_qkv` (whole groups, same order).
+- `linear_k`: one index key head shared by all groups, replicated on every TP rank. Each rank's
+  KL only reaches it through that rank's groups, so its gradient (and the shared q-norm weight's)
+  is summed over TP; the result equals TP=1.
+- Optional per-head RMSNorm and the main branch's (partial) RoPE on both (config).
+The input is detached: the KL trains these weights only and never reaches the residual stream.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import init_method_normal
+
+from msa_megatron.model.norms import rms_norm
+
+
+class MSAIndexer(MegatronModule):
+    def __init__(self, config, msa, pg_collection):
+        super().__init__(config=config)
+        self.msa = msa
+        self.tp_group = pg_collection.tp
+        self.cp_group = pg_collection.cp
+        tp = self.tp_group.size()
+        self.head_dim = msa.index_head_dim
+        self.groups_per_rank = config.num_query_groups // tp
+        init = init_method_normal(msa.index_init_std)
+        self.linear_q = ColumnParallelLinear(
+            config.hidden_size,
+            config.num_query_groups * self.head_dim,
+            config=config,
+            init_method=init,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_group=self.tp_group,
+        )
+        self.linear_k = torch.nn.Linear(config.hidden_size, self.head_dim, bias=False, dtype=config.params_dtype)
+        with torch.no_grad():
+            init(self.linear_k.weight)
+        if msa.index_norm:
+            self.q_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, dtype=config.params_dtype))
+            self.k_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, dtype=config.params_dtype))
+        if tp > 1:
+            self._sync_replicated_params()
+
+    def _sync_replicated_params(self):
+        """Replicated weights start identical on every TP rank (TP rank 0's values)."""
+        src = torch.distributed.get_process_group_ranks(self.tp_group)[0]
+        for p in self.replicated_parameters():
+            torch.distributed.broadcast(p.data, src=src, group=self.tp_group)
+
+    def replicated_parameters(self):
+        names = ["linear_k.weight"] + (["q_norm_weight", "k_norm_weight"] if self.msa.index_norm else [])
+        params = dict(self.named_parameters())
+        return [params[n] for n in names]
+
+    def forward(self, hidden_states, rotary_pos_emb=None, packed_seq_params=None):
+        """hidden_states [s, b, h] (sequence-sharded under SP) -> qi [.., G_local, di], ki [.., 1, di].
+
+        THD batches (packed_seq_params.qkv_format == 'thd') come back as [t, heads, di].
+        """
+        x = hidden_states.detach()
+        qi, _ = self.linear_q(x)  # gathers the sequence under sequence parallelism
+        if self.config.sequence_parallel and self.tp_group.size() > 1:
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.tp_group)
+        ki = F.linear(x, self.linear_k.weight)
+        s, b = qi.shape[:2]
+        qi = qi.view(s, b, self.groups_per_rank, self.head_dim)
+        ki = ki.view(s, b, 1, self.head_dim)
+        eps = self.config.layernorm_epsilon
+        if self.msa.index_norm:
+            qi = rms_norm(qi, copy_to_tensor_model_parallel_region(self.q_norm_weight, group=self.tp_group), eps)
+            ki = rms_norm(ki, self.k_norm_weight, eps)
+        ki = copy_to_tensor_model_parallel_region(ki, group=self.tp_group)
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:
+            qi, ki = qi.squeeze(1), ki.squeeze(1)
+        if self.msa.index_rope and rotary_pos_emb is not None:
+            q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            cu = packed_seq_params.cu_seqlens_q if thd else None
+            qi = apply_rotary_pos_emb(qi, q_freqs, config=self.config, cu_seqlens=cu, cp_group=self.cp_group)
+            ki = apply_rotary_pos_emb(ki, k_freqs, config=self.config, cu_seqlens=cu, cp_group=self.cp_group)
+        return qi, ki

@@ -1,0 +1,250 @@
+"""The training loop on megatron-core: schedules, DDP, distributed optimizer, LR schedule, stages."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+from msa_megatron.config import (
+    RunConfig,
+    load_config,
+    num_microbatches,
+    to_transformer_config,
+    tokens_per_step,
+    validate,
+)
+from msa_megatron.data import build_data
+from msa_megatron.model.attention import msa_core_attentions, set_measure_recall, set_sparse_stage
+from msa_megatron.model.builder import build_model
+from msa_megatron.training.distributed import init_distributed, shutdown
+from msa_megatron.training.metrics import MetricsWriter
+from msa_megatron.training.stages import is_sparse_stage, stage_name
+
+
+def run(cfg) -> dict:
+    """Train as configured; returns the last log record (on every rank)."""
+    cfg = cfg if isinstance(cfg, RunConfig) else load_config(cfg)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines drown the step lines
+    topo = init_distributed(cfg)
+    try:
+        return Trainer(cfg, topo).train()
+    finally:
+        shutdown()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def lm_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """3-tuple loss: (sum of masked token losses, token count, report). The schedule averages."""
+    mask = loss_mask.view(-1).float()
+    loss_sum = (output.view(-1).float() * mask).sum()
+    count = mask.sum()
+    return loss_sum, count.to(torch.int), {"lm_loss": torch.stack([loss_sum.detach().clone(), count.detach()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator).to(_device())
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels, packed_seq_params=batch.packed_seq_params())
+    return output, functools.partial(lm_loss_func, batch.loss_mask)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, topo):
+        self.cfg, self.topo = cfg, topo
+        validate(cfg, world_size=topo.world_size)
+        self.num_microbatches = num_microbatches(cfg, topo.world_size)
+        self.tconfig = to_transformer_config(cfg, use_cpu_initialization=not torch.cuda.is_available())
+        model = build_model(cfg, self.tconfig)
+        self.model = DistributedDataParallel(
+            config=self.tconfig,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            ),
+            module=model,
+        )
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = self.model.no_sync
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss
+        self.data = build_data(cfg, dp_rank=topo.dp_rank, dp_size=topo.dp_size)
+        self.metrics = MetricsWriter(cfg, cfg.output_dir, active=topo.is_logger)
+        self.msa_layers = msa_core_attentions(self.model)
+
+    def _build_optimizer(self):
+        o, bf16 = self.cfg.optim, self.cfg.train.precision == "bf16"
+        config = OptimizerConfig(
+            optimizer=o.optimizer,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+        )
+        overrides = None
+        if o.index_lr is not None:  # the index projections' own LR: a param group, not freezing
+            overrides = {ParamKey(name="*.indexer.*"): {"max_lr": o.index_lr, "min_lr": o.index_lr * o.min_lr / o.lr}}
+        return get_megatron_optimizer(config, [self.model], config_overrides=overrides)
+
+    def _build_scheduler(self):
+        o, gbs, steps = self.cfg.optim, self.cfg.train.global_batch_size, self.cfg.train.steps
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_steps * gbs,
+            lr_decay_steps=steps * gbs,
+            lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=steps * gbs,
+            wd_incr_style="constant",
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, step: int) -> tuple[list, float]:
+        cfg = self.cfg
+        set_sparse_stage(self.model, is_sparse_stage(cfg, step * tokens_per_step(cfg)))
+        interval = cfg.attention.recall_interval
+        set_measure_recall(self.model, interval > 0 and (step + 1) % interval == 0)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=self.data.train,
+            model=[self.model],
+            num_microbatches=self.num_microbatches,
+            seq_length=cfg.train.micro_batch_size * cfg.data.seq_length,
+            micro_batch_size=1,
+            forward_only=False,
+        )
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=cfg.train.global_batch_size)
+        return losses, grad_norm
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        record, window = {}, _Window()
+        start = time.perf_counter()
+        for step in range(cfg.train.steps):
+            losses, grad_norm = self.train_step(step)
+            window.add(losses, grad_norm)
+            done = step + 1
+            if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
+                record = self._log(done, window, time.perf_counter() - start)
+                window = _Window()
+        self.metrics.close()
+        return record
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, step: int, window: "_Window", elapsed: float) -> dict:
+        """Reduce the window's numbers across ranks (collective: every rank calls this)."""
+        cfg, topo = self.cfg, self.topo
+        num_layers = cfg.model.num_layers
+        # [lm_sum, lm_tokens, kl per layer (L), kl counts (L), recall sums (2), recall count]
+        vec = torch.zeros(2 + 2 * num_layers + 3, dtype=torch.float64, device=_device())
+        if ps.is_pipeline_last_stage() and topo.tp_rank == 0:
+            vec[0], vec[1] = window.lm_sum, window.lm_tokens
+        for layer in self.msa_layers:
+            st, i = layer.stats, layer.layer_number - 1
+            if st.count:
+                vec[2 + i] = st.kl_sum.double() / st.count  # partial over this rank's KV groups
+                vec[2 + num_layers + i] = 1.0
+            vec[-3] += st.recall_sum[0]
+            vec[-2] += st.recall_sum[1]
+            vec[-1] += st.recall_count
+            st.reset()
+        dist.all_reduce(vec)
+        moe = self._moe_losses()
+        dp = topo.dp_size
+        kl_layers = {
+            i + 1: float(vec[2 + i]) / dp for i in range(num_layers) if vec[2 + num_layers + i] > 0
+        }
+        tokens_seen = step * tokens_per_step(cfg)
+        step_tokens = window.steps * tokens_per_step(cfg)
+        per_sec = step_tokens / max(window.seconds, 1e-9)
+        record = {
+            "train/step": step,
+            "train/lm_loss": float(vec[0] / vec[1]) if vec[1] > 0 else None,
+            "train/kl_loss": sum(kl_layers.values()) / len(kl_layers) if kl_layers else None,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/grad_norm": window.grad_norm,
+            "train/tokens": tokens_seen,
+            "train/tokens_per_sec": per_sec,
+            "train/tokens_per_sec_per_gpu": per_sec / topo.world_size,
+            "train/step_time_s": window.seconds / window.steps,
+            "msa/stage": int(is_sparse_stage(cfg, (step - 1) * tokens_per_step(cfg))),
+            "msa/stage_name": stage_name(cfg, (step - 1) * tokens_per_step(cfg)),
+            "eta_s": (cfg.train.steps - step) * window.seconds / window.steps,
+            "elapsed_s": elapsed,
+        }
+        for layer, value in kl_layers.items():
+            record[f"msa/kl_loss/layer_{layer:02d}"] = value
+        if vec[-1] > 0:
+            record["msa/block_recall"] = float(vec[-3] / vec[-1])
+            record["msa/score_recall"] = float(vec[-2] / vec[-1])
+        for name, value in moe.items():
+            record[f"moe/{name}"] = value
+        if torch.cuda.is_available():
+            record["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.metrics.log(record)
+        return record
+
+    def _moe_losses(self) -> dict:
+        if self.cfg.model.num_moe_experts is None:
+            return {}
+        totals: dict = {}
+        get_moe_metrics_tracker().report(
+            loss_scale=1.0 / self.num_microbatches,
+            iteration=0,
+            total_loss_dict=totals,
+            num_layers=self.cfg.model.num_layers,
+            moe_layer_freq=1,
+            force_initialize=True,
+            track_names=["load_balancing_loss"],
+        )
+        return {k: float(v) for k, v in totals.items()}
+
+
+class _Window:
+    """Numbers of the steps since the last log line."""
+
+    def __init__(self):
+        self.lm_sum = self.lm_tokens = 0.0
+        self.steps = 0
+        self.grad_norm = None
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+
+    def add(self, losses: list, grad_norm) -> None:
+        for report in losses:  # empty except on the last pipeline stage
+            pair = report["lm_loss"]
+            self.lm_sum += float(pair[0])
+            self.lm_tokens += float(pair[1])
+        self.steps += 1
+        self.grad_norm = float(grad_norm) if grad_norm is not None else None
+        self.seconds = time.perf_counter() - self.started
