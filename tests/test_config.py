@@ -1,0 +1,64 @@
+"""Config schema: Hydra presets compose and validate; bad values give one line naming the key."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from msa_megatron.config import ConfigError, load_config, validate
+from tests.paths import CONF_DIR
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_quickstart_composes():
+    cfg = load_config(composed())
+    assert cfg.model.name == "tiny" and cfg.attention.type == "msa"
+    assert cfg.attention.block_size == 32 and cfg.stage.warmup_tokens == 16384  # recipe tiny_cpu applied
+    assert cfg.output_dir.endswith("tiny-msa-msa_pt")
+
+
+def test_pilot_model_and_gqa_presets():
+    cfg = load_config(composed("model=msa10b_pilot", "~recipe", "attention=msa"))
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels) == (16, 2048, 32, 4, 128)
+    assert (m.num_moe_experts, m.moe_router_topk, m.moe_ffn_hidden_size) == (64, 4, 1536)
+    assert cfg.attention.block_size == 128 and cfg.attention.topk_blocks == 16
+    assert load_config(composed("attention=gqa")).attention.type == "gqa"
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.num_attention_heads=6", "model.num_query_groups=4"], "model.num_attention_heads=6"),
+        (["attention.topk_blocks=0"], "attention.topk_blocks=0"),
+        (["attention.block_size=48"], "attention.block_size=48"),
+        (["parallel.tensor_model_parallel_size=4", "model.num_query_groups=2"], "parallel.tensor_model_parallel_size=4"),
+        (["attention.backend=cuda"], "attention.backend='cuda'"),
+        (["stage.mode=sparse"], "stage.mode='sparse'"),
+        (["attention.kl.coeff=-1"], "attention.kl.coeff=-1.0"),
+        (["train.steps=0"], "train.steps=0"),
+        (["optim.min_lr=1.0"], "optim.min_lr=1.0"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(composed(*overrides))
+    msg = str(e.value)
+    assert msg.startswith(key) and "\n" not in msg, msg
+
+
+def test_type_errors_are_one_line_with_the_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(composed("train.steps=many"))
+    assert "train.steps" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_world_size_checks():
+    cfg = load_config(composed("train.global_batch_size=3"))
+    with pytest.raises(ConfigError, match=r"^train.global_batch_size=3: must be a multiple of micro_batch_size\*data_parallel=2"):
+        validate(cfg, world_size=2)
+    cfg = load_config(composed("parallel.tensor_model_parallel_size=2"))
+    with pytest.raises(ConfigError, match="^parallel="):
+        validate(cfg, world_size=3)
