@@ -46,12 +46,15 @@ class MSAIndexer(MegatronModule):
             is_expert=False,
             tp_group=self.tp_group,
         )
-        self.linear_k = torch.nn.Linear(config.hidden_size, self.head_dim, bias=False, dtype=config.params_dtype)
+        # Created where megatron creates its weights, so the TP broadcast below works on NCCL too.
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        factory = dict(dtype=config.params_dtype, device=device)
+        self.linear_k = torch.nn.Linear(config.hidden_size, self.head_dim, bias=False, **factory)
         with torch.no_grad():
             init(self.linear_k.weight)
         if msa.index_norm:
-            self.q_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, dtype=config.params_dtype))
-            self.k_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, dtype=config.params_dtype))
+            self.q_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, **factory))
+            self.k_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, **factory))
         if tp > 1:
             self._sync_replicated_params()
 
