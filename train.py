@@ -8,7 +8,9 @@ import sys
 
 import hydra
 
-from msa_megatron.config import ConfigError, load_config
+from msa_megatron.config import ConfigError, load_config, register_hydra_schema
+
+register_hydra_schema()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)

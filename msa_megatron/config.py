@@ -92,6 +92,7 @@ class DataConfig:
     pack_documents: bool = True  # cu_seqlens per document; false: megatron's plain concatenation
     reset_position_ids: bool = True
     num_workers: int = 0
+    valid_microbatches: int = 4  # micro-batches per validation pass, per data-parallel rank
 
 
 @dataclass
@@ -123,6 +124,7 @@ class TrainConfig:
     global_batch_size: int = 2
     precision: str = "fp32"  # fp32 | bf16
     log_interval: int = 1
+    eval_interval: int = 0  # steps between validation passes (0: never; needs a validation stream)
     seed: int = 1234
 
 
@@ -154,6 +156,17 @@ class RunConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SCHEMA_NAME = "msa_schema"
+
+
+def register_hydra_schema() -> None:
+    """Give Hydra every schema key with its default (as plain values: typing stays in load_config,
+    whose errors are one line), so any key can be overridden from the command line."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=OmegaConf.to_container(OmegaConf.structured(RunConfig)))
 
 
 def load_config(cfg: Any) -> RunConfig:
@@ -259,6 +272,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
 
     _one_of("data.type", d.type, ("mock", "indexed"))
     _require(d.seq_length >= 2, "data.seq_length", d.seq_length, "must be >= 2")
+    _require(d.valid_microbatches >= 1, "data.valid_microbatches", d.valid_microbatches, "must be >= 1")
     _require(
         d.seq_length <= m.max_position_embeddings,
         "data.seq_length",
@@ -286,6 +300,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
     _require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")
+    _require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
     if world_size is not None:
         model_parallel = tp * pp * cp
         _require(

@@ -3,8 +3,11 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from msa_megatron.config import ConfigError, load_config, validate
+from msa_megatron.config import ConfigError, load_config, register_hydra_schema, validate
 from tests.paths import CONF_DIR
+
+
+register_hydra_schema()
 
 
 def composed(*overrides):
@@ -62,3 +65,8 @@ def test_world_size_checks():
     cfg = load_config(composed("parallel.tensor_model_parallel_size=2"))
     with pytest.raises(ConfigError, match="^parallel="):
         validate(cfg, world_size=3)
+
+
+def test_every_schema_key_can_be_overridden():
+    cfg = load_config(composed("train.eval_interval=3", "attention.kl.coeff=0.5", "logging.wandb.mode=online"))
+    assert cfg.train.eval_interval == 3 and cfg.attention.kl.coeff == 0.5 and cfg.logging.wandb.mode == "online"

@@ -22,7 +22,11 @@ def test_tiny_msa_pt_run(tmp_path):
         "data.seq_length=512",
         f"stage.warmup_tokens={WARMUP_STEPS * TOKENS_PER_STEP}",
         "attention.recall_interval=4",
+        "train.eval_interval=12",
     )
+    val = [r for r in records if "val/lm_loss" in r]
+    records = [r for r in records if "train/lm_loss" in r]
+    assert [r["train/step"] for r in val] == [12, 24] and all(r["val/kl_loss"] > 0 for r in val)
     assert [r["train/step"] for r in records] == list(range(1, STEPS + 1))  # every step logged
     stages = [r["msa/stage_name"] for r in records]
     assert stages == ["dense"] * WARMUP_STEPS + ["sparse"] * (STEPS - WARMUP_STEPS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -31,5 +32,7 @@ def build_data(cfg, *, dp_rank: int, dp_size: int, consumed_microbatches: int = 
             max_doc=d.mock_max_doc,
         )
         train = mock_batches(**common, seed=cfg.train.seed, dp_rank=dp_rank, start=consumed_microbatches)
-        return DataStreams(train=train, valid=None, eod=cfg.model.vocab_size - 1)
+        # Validation: a fixed, separate stream (another seed), the same documents on every pass.
+        valid = lambda: itertools.islice(mock_batches(**common, seed=cfg.train.seed + 1, dp_rank=dp_rank), d.valid_microbatches)
+        return DataStreams(train=train, valid=valid, eod=cfg.model.vocab_size - 1)
     raise ValueError(f"data.type={d.type!r}: not available yet")

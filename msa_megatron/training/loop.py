@@ -150,63 +150,75 @@ class Trainer:
         record, window = {}, _Window()
         start = time.perf_counter()
         for step in range(cfg.train.steps):
+            t0 = time.perf_counter()
             losses, grad_norm = self.train_step(step)
-            window.add(losses, grad_norm)
+            window.add(losses, grad_norm, time.perf_counter() - t0)
             done = step + 1
             if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
                 record = self._log(done, window, time.perf_counter() - start)
                 window = _Window()
+            if self.data.valid is not None and cfg.train.eval_interval and (
+                done % cfg.train.eval_interval == 0 or done == cfg.train.steps
+            ):
+                self.evaluate(done)
         self.metrics.close()
         return record
 
     # ------------------------------------------------------------------ logging
 
-    def _log(self, step: int, window: "_Window", elapsed: float) -> dict:
-        """Reduce the window's numbers across ranks (collective: every rank calls this)."""
-        cfg, topo = self.cfg, self.topo
-        num_layers = cfg.model.num_layers
-        # [lm_sum, lm_tokens, kl per layer (L), kl counts (L), recall sums (2), recall count]
+    def _reduce(self, lm_sum: float, lm_tokens: float):
+        """Global LM loss, per-layer KL and recall since the last call (collective on every rank).
+
+        One all-reduce over the world: the LM numbers come from one rank per data-parallel replica
+        (last pipeline stage, TP rank 0); each rank adds its layers' KL, partial over its KV groups
+        (the TP ranks' parts sum to the layer's KL; pipeline stages own disjoint layers), then the
+        sum over data-parallel replicas is divided by their number.
+        """
+        num_layers = self.cfg.model.num_layers
+        # [lm_sum, lm_tokens, kl per layer (L), kl seen (L), recall sums (2), recall count]
         vec = torch.zeros(2 + 2 * num_layers + 3, dtype=torch.float64, device=_device())
-        if ps.is_pipeline_last_stage() and topo.tp_rank == 0:
-            vec[0], vec[1] = window.lm_sum, window.lm_tokens
+        if ps.is_pipeline_last_stage() and self.topo.tp_rank == 0:
+            vec[0], vec[1] = lm_sum, lm_tokens
         for layer in self.msa_layers:
             st, i = layer.stats, layer.layer_number - 1
             if st.count:
-                vec[2 + i] = st.kl_sum.double() / st.count  # partial over this rank's KV groups
+                vec[2 + i] = st.kl_sum.double() / st.count
                 vec[2 + num_layers + i] = 1.0
             vec[-3] += st.recall_sum[0]
             vec[-2] += st.recall_sum[1]
             vec[-1] += st.recall_count
             st.reset()
         dist.all_reduce(vec)
-        moe = self._moe_losses()
-        dp = topo.dp_size
-        kl_layers = {
-            i + 1: float(vec[2 + i]) / dp for i in range(num_layers) if vec[2 + num_layers + i] > 0
-        }
-        tokens_seen = step * tokens_per_step(cfg)
-        step_tokens = window.steps * tokens_per_step(cfg)
-        per_sec = step_tokens / max(window.seconds, 1e-9)
+        lm = float(vec[0] / vec[1]) if vec[1] > 0 else None
+        kl_layers = {i + 1: float(vec[2 + i]) / self.topo.dp_size for i in range(num_layers) if vec[2 + num_layers + i] > 0}
+        recall = (float(vec[-3] / vec[-1]), float(vec[-2] / vec[-1])) if vec[-1] > 0 else None
+        return lm, kl_layers, recall
+
+    def _log(self, step: int, window: "_Window", elapsed: float) -> dict:
+        cfg, topo = self.cfg, self.topo
+        lm, kl_layers, recall = self._reduce(window.lm_sum, window.lm_tokens)
+        moe = self._moe_losses(window.steps)
+        consumed_before_last = (step - 1) * tokens_per_step(cfg)
+        per_sec = window.steps * tokens_per_step(cfg) / max(window.seconds, 1e-9)
         record = {
             "train/step": step,
-            "train/lm_loss": float(vec[0] / vec[1]) if vec[1] > 0 else None,
-            "train/kl_loss": sum(kl_layers.values()) / len(kl_layers) if kl_layers else None,
+            "train/lm_loss": lm,
+            "train/kl_loss": _mean(kl_layers),
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/grad_norm": window.grad_norm,
-            "train/tokens": tokens_seen,
+            "train/tokens": step * tokens_per_step(cfg),
             "train/tokens_per_sec": per_sec,
             "train/tokens_per_sec_per_gpu": per_sec / topo.world_size,
             "train/step_time_s": window.seconds / window.steps,
-            "msa/stage": int(is_sparse_stage(cfg, (step - 1) * tokens_per_step(cfg))),
-            "msa/stage_name": stage_name(cfg, (step - 1) * tokens_per_step(cfg)),
+            "msa/stage": int(is_sparse_stage(cfg, consumed_before_last)),
+            "msa/stage_name": stage_name(cfg, consumed_before_last),
             "eta_s": (cfg.train.steps - step) * window.seconds / window.steps,
             "elapsed_s": elapsed,
         }
         for layer, value in kl_layers.items():
             record[f"msa/kl_loss/layer_{layer:02d}"] = value
-        if vec[-1] > 0:
-            record["msa/block_recall"] = float(vec[-3] / vec[-1])
-            record["msa/score_recall"] = float(vec[-2] / vec[-1])
+        if recall is not None:
+            record["msa/block_recall"], record["msa/score_recall"] = recall
         for name, value in moe.items():
             record[f"moe/{name}"] = value
         if torch.cuda.is_available():
@@ -214,12 +226,39 @@ class Trainer:
         self.metrics.log(record)
         return record
 
-    def _moe_losses(self) -> dict:
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """LM and KL loss over the validation stream, in the stage of the current step."""
+        batches = list(self.data.valid())
+        set_measure_recall(self.model, False)
+        self.model.eval()
+        try:
+            losses = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(batches),
+                model=[self.model],
+                num_microbatches=len(batches),
+                seq_length=self.cfg.train.micro_batch_size * self.cfg.data.seq_length,
+                micro_batch_size=1,
+                forward_only=True,
+            )
+        finally:
+            self.model.train()
+        if self.cfg.model.num_moe_experts is not None:
+            get_moe_metrics_tracker().clear()  # router stats of validation are not training stats
+        window = _Window()
+        window.add(losses, None, 0.0)
+        lm, kl_layers, _ = self._reduce(window.lm_sum, window.lm_tokens)
+        record = {"train/step": step, "val/lm_loss": lm, "val/kl_loss": _mean(kl_layers)}
+        self.metrics.log_validation(record)
+        return record
+
+    def _moe_losses(self, steps: int) -> dict:
         if self.cfg.model.num_moe_experts is None:
             return {}
         totals: dict = {}
         get_moe_metrics_tracker().report(
-            loss_scale=1.0 / self.num_microbatches,
+            loss_scale=1.0 / (self.num_microbatches * steps),
             iteration=0,
             total_loss_dict=totals,
             num_layers=self.cfg.model.num_layers,
@@ -230,6 +269,10 @@ class Trainer:
         return {k: float(v) for k, v in totals.items()}
 
 
+def _mean(values: dict):
+    return sum(values.values()) / len(values) if values else None
+
+
 class _Window:
     """Numbers of the steps since the last log line."""
 
@@ -237,14 +280,13 @@ class _Window:
         self.lm_sum = self.lm_tokens = 0.0
         self.steps = 0
         self.grad_norm = None
-        self.started = time.perf_counter()
-        self.seconds = 0.0
+        self.seconds = 0.0  # training steps only (validation and logging excluded)
 
-    def add(self, losses: list, grad_norm) -> None:
+    def add(self, losses: list, grad_norm, seconds: float) -> None:
         for report in losses:  # empty except on the last pipeline stage
             pair = report["lm_loss"]
             self.lm_sum += float(pair[0])
             self.lm_tokens += float(pair[1])
         self.steps += 1
         self.grad_norm = float(grad_norm) if grad_norm is not None else None
-        self.seconds = time.perf_counter() - self.started
+        self.seconds += seconds

@@ -53,6 +53,18 @@ class MetricsWriter:
             numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
             self.wandb_run.log(numeric, step=record["train/step"])
 
+    def log_validation(self, record: dict) -> None:
+        if not self.active:
+            return
+        if self.console:
+            lm, kl = record.get("val/lm_loss"), record.get("val/kl_loss")
+            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+            print(f"validation at step {record['train/step']} | lm {fmt(lm)} | kl {fmt(kl)}", flush=True)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["train/step"])
+
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
