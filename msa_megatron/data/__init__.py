@@ -31,8 +31,14 @@ def build_data(cfg, *, dp_rank: int, dp_size: int, consumed_microbatches: int = 
             min_doc=d.mock_min_doc,
             max_doc=d.mock_max_doc,
         )
-        train = mock_batches(**common, seed=cfg.train.seed, dp_rank=dp_rank, start=consumed_microbatches)
+        per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+        train = mock_batches(
+            **common, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size, microbatches_per_step=per_step, start=consumed_microbatches
+        )
         # Validation: a fixed, separate stream (another seed), the same documents on every pass.
-        valid = lambda: itertools.islice(mock_batches(**common, seed=cfg.train.seed + 1, dp_rank=dp_rank), d.valid_microbatches)
+        valid = lambda: itertools.islice(
+            mock_batches(**common, seed=cfg.train.seed + 1, dp_rank=dp_rank, dp_size=dp_size, microbatches_per_step=d.valid_microbatches),
+            d.valid_microbatches,
+        )
         return DataStreams(train=train, valid=valid, eod=cfg.model.vocab_size - 1)
     raise ValueError(f"data.type={d.type!r}: not available yet")

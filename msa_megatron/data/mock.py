@@ -3,8 +3,10 @@
 Each document repeats a short motif drawn from a fixed sparse Markov chain, so a model can learn
 both local statistics (bigram table) and long-range copying (the repeats), and the loss falls
 visibly within a few dozen steps. Documents end with EOD and have random lengths, so packs mix
-short and long documents. Micro-batch n of data-parallel rank r is a pure function of
-(seed, r, n): tensor-parallel peers see identical data and a resumed run continues the stream.
+short and long documents. Every micro-batch is a pure function of (seed, its index in the global
+stream); a step's global batch is split over data-parallel ranks in contiguous slices, so
+tensor-parallel peers see identical data, a resumed run continues the stream, and a run with a
+different data-parallel size trains on the same samples.
 """
 
 from __future__ import annotations
@@ -55,14 +57,18 @@ def mock_batches(
     min_doc: int,
     max_doc: int,
     seed: int,
-    dp_rank: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    microbatches_per_step: int = 1,
     start: int = 0,
 ) -> Iterator[PackedBatch]:
-    """Endless micro-batches for one data-parallel rank, starting at micro-batch `start`."""
+    """Endless micro-batches of one data-parallel rank, from its local micro-batch `start` on."""
     docs = MockDocuments(vocab_size, min_doc, max_doc, seed)
     n = start
     while True:
-        g = torch.Generator().manual_seed(hash((seed, dp_rank, n)) & 0x7FFFFFFF)
+        step, i = divmod(n, microbatches_per_step)
+        global_index = (step * dp_size + dp_rank) * microbatches_per_step + i
+        g = torch.Generator().manual_seed(hash((seed, global_index)) & 0x7FFFFFFF)
         samples = [docs.sample(g, seq_length + 1) for _ in range(micro_batch_size)]
         yield pack_samples(samples, eod=docs.eod)
         n += 1
