@@ -21,8 +21,13 @@ def main(cfg) -> None:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     from msa_megatron.training import run
+    from msa_megatron.training.checkpoint import CheckpointError
 
-    run(run_cfg)
+    try:
+        run(run_cfg)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

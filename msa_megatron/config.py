@@ -125,6 +125,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     log_interval: int = 1
     eval_interval: int = 0  # steps between validation passes (0: never; needs a validation stream)
+    exit_interval: int = 0  # save and stop when the step is a multiple of this (0: off)
     seed: int = 1234
 
 
@@ -145,6 +146,16 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory for checkpoints (null: never save)
+    load: Optional[str] = None  # resume from the newest checkpoint here when there is one
+    init_from: Optional[str] = None  # weights-only start (e.g. a dense GQA checkpoint for MSA-CPT)
+    init_allow_missing: list = field(default_factory=lambda: ["*.indexer.*"])
+    save_interval: int = 0  # steps between saves (0: only at the end and when exiting early)
+    keep_last: int = 2  # newest checkpoints kept (0: all)
+
+
+@dataclass
 class RunConfig:
     name: str = "debug"
     output_dir: str = "outputs/debug"
@@ -156,6 +167,7 @@ class RunConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 SCHEMA_NAME = "msa_schema"
@@ -272,6 +284,15 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
 
     _one_of("data.type", d.type, ("mock", "indexed"))
     _require(d.seq_length >= 2, "data.seq_length", d.seq_length, "must be >= 2")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    if d.type == "indexed":
+        _require(len(d.blend) > 0, "data.blend", d.blend, "is empty: list [weight, prefix] pairs")
+        for i, entry in enumerate(d.blend):
+            pair = isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str)
+            _require(pair, f"data.blend[{i}]", entry, "must be a [weight, prefix] pair")
+            w = entry[0]
+            number = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+            _require(number and w > 0, f"data.blend[{i}][0]", w, "weight must be a number > 0")
     _require(d.valid_microbatches >= 1, "data.valid_microbatches", d.valid_microbatches, "must be >= 1")
     _require(
         d.seq_length <= m.max_position_embeddings,
@@ -301,6 +322,12 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
     _require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")
     _require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
+    _require(t.exit_interval >= 0, "train.exit_interval", t.exit_interval, "must be >= 0")
+    ck = c.checkpoint
+    _require(ck.save_interval >= 0, "checkpoint.save_interval", ck.save_interval, "must be >= 0")
+    _require(ck.keep_last >= 0, "checkpoint.keep_last", ck.keep_last, "must be >= 0")
+    if t.exit_interval:
+        _require(ck.save is not None, "train.exit_interval", t.exit_interval, "needs checkpoint.save to keep the progress")
     if world_size is not None:
         model_parallel = tp * pp * cp
         _require(

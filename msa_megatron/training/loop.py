@@ -28,6 +28,8 @@ from msa_megatron.config import (
 from msa_megatron.data import build_data
 from msa_megatron.model.attention import msa_core_attentions, set_measure_recall, set_sparse_stage
 from msa_megatron.model.builder import build_model
+from msa_megatron.training import checkpoint
+from msa_megatron.training.checkpoint import TrainState
 from msa_megatron.training.distributed import init_distributed, shutdown
 from msa_megatron.training.metrics import MetricsWriter
 from msa_megatron.training.stages import is_sparse_stage, stage_name
@@ -69,6 +71,11 @@ class Trainer:
         self.num_microbatches = num_microbatches(cfg, topo.world_size)
         self.tconfig = to_transformer_config(cfg, use_cpu_initialization=not torch.cuda.is_available())
         model = build_model(cfg, self.tconfig)
+        self.state = TrainState()
+        resuming = checkpoint.latest_step(cfg.checkpoint.load) is not None
+        if cfg.checkpoint.init_from and not resuming:  # before the optimizer copies the weights
+            fresh = checkpoint.init_weights(model, cfg.checkpoint.init_from, cfg.checkpoint.init_allow_missing)
+            self._say(f"initialised weights from {cfg.checkpoint.init_from}; freshly initialised: {len(fresh)} tensors")
         self.model = DistributedDataParallel(
             config=self.tconfig,
             ddp_config=DistributedDataParallelConfig(
@@ -83,7 +90,15 @@ class Trainer:
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.no_sync_func = self.model.no_sync
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
-        self.data = build_data(cfg, dp_rank=topo.dp_rank, dp_size=topo.dp_size)
+        if resuming:
+            self.state = checkpoint.resume(self, cfg.checkpoint.load)
+            self._say(
+                f"resumed from {cfg.checkpoint.load} at step {self.state.step} "
+                f"({self.state.consumed_tokens:,} tokens, stage {stage_name(cfg, self.state.consumed_tokens)})"
+            )
+        self.data = build_data(
+            cfg, dp_rank=topo.dp_rank, dp_size=topo.dp_size, consumed_microbatches=self.state.step * self.num_microbatches
+        )
         self.metrics = MetricsWriter(cfg, cfg.output_dir, active=topo.is_logger)
         self.msa_layers = msa_core_attentions(self.model)
 
@@ -125,11 +140,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, step: int) -> tuple[list, float]:
-        cfg = self.cfg
-        set_sparse_stage(self.model, is_sparse_stage(cfg, step * tokens_per_step(cfg)))
+    def _say(self, message: str) -> None:
+        if self.topo.rank == 0:
+            print(message, flush=True)
+
+    def train_step(self) -> tuple[list, float]:
+        cfg, state = self.cfg, self.state
+        set_sparse_stage(self.model, is_sparse_stage(cfg, state.consumed_tokens))
         interval = cfg.attention.recall_interval
-        set_measure_recall(self.model, interval > 0 and (step + 1) % interval == 0)
+        set_measure_recall(self.model, interval > 0 and (state.step + 1) % interval == 0)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
@@ -143,26 +162,37 @@ class Trainer:
         )
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=cfg.train.global_batch_size)
+        state.step += 1
+        state.consumed_tokens += tokens_per_step(cfg)
         return losses, grad_norm
 
     def train(self) -> dict:
-        cfg = self.cfg
+        cfg, state = self.cfg, self.state
+        t, ck = cfg.train, cfg.checkpoint
         record, window = {}, _Window()
         start = time.perf_counter()
-        for step in range(cfg.train.steps):
+        while state.step < t.steps:
             t0 = time.perf_counter()
-            losses, grad_norm = self.train_step(step)
+            losses, grad_norm = self.train_step()
             window.add(losses, grad_norm, time.perf_counter() - t0)
-            done = step + 1
-            if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
+            done, last = state.step, state.step == t.steps
+            exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and not last
+            if done % t.log_interval == 0 or last or exiting:
                 record = self._log(done, window, time.perf_counter() - start)
                 window = _Window()
-            if self.data.valid is not None and cfg.train.eval_interval and (
-                done % cfg.train.eval_interval == 0 or done == cfg.train.steps
-            ):
+            if self.data.valid is not None and t.eval_interval and (done % t.eval_interval == 0 or last):
                 self.evaluate(done)
+            if ck.save and (last or exiting or (ck.save_interval and done % ck.save_interval == 0)):
+                path = checkpoint.save(self, state, self.metrics.wandb_run_id)
+                self._say(f"saved checkpoint {path}")
+            if exiting:
+                self._say(f"exiting at step {done} (train.exit_interval={t.exit_interval}); rerun to resume")
+                break
         self.metrics.close()
         return record
+
+    def stage_name(self, consumed_tokens: int) -> str:
+        return stage_name(self.cfg, consumed_tokens)
 
     # ------------------------------------------------------------------ logging
 
@@ -198,7 +228,7 @@ class Trainer:
         cfg, topo = self.cfg, self.topo
         lm, kl_layers, recall = self._reduce(window.lm_sum, window.lm_tokens)
         moe = self._moe_losses(window.steps)
-        consumed_before_last = (step - 1) * tokens_per_step(cfg)
+        consumed_before_last = self.state.consumed_tokens - tokens_per_step(cfg)
         per_sec = window.steps * tokens_per_step(cfg) / max(window.seconds, 1e-9)
         record = {
             "train/step": step,
@@ -206,7 +236,7 @@ class Trainer:
             "train/kl_loss": _mean(kl_layers),
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/grad_norm": window.grad_norm,
-            "train/tokens": step * tokens_per_step(cfg),
+            "train/tokens": self.state.consumed_tokens,
             "train/tokens_per_sec": per_sec,
             "train/tokens_per_sec_per_gpu": per_sec / topo.world_size,
             "train/step_time_s": window.seconds / window.steps,

@@ -42,6 +42,10 @@ class MetricsWriter:
         if cfg.logging.wandb.enabled and cfg.logging.wandb.mode != "disabled":
             self.wandb_run = _start_wandb(cfg, run_dir)
 
+    @property
+    def wandb_run_id(self) -> Optional[str]:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
     def log(self, record: dict) -> None:
         if not self.active:
             return
