@@ -73,3 +73,29 @@ def test_corrupt_tracker_is_reported(tmp_path):
     with pytest.raises(CheckpointError, match="points at step 7"):
         checkpoint.latest_step(str(tmp_path))
     assert checkpoint.latest_step(str(tmp_path / "empty")) is None
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits(tmp_path):
+    """Slurm's SIGTERM mid-run: the job saves at the next step boundary and exits 0; a rerun resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.paths import ROOT
+
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={tmp_path}", "train.steps=400", "data.seq_length=256"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-2000:]
+    step = checkpoint.latest_step(str(tmp_path / "checkpoints"))
+    assert step is not None and 2 <= step < 400
+    assert f"exiting at step {step} (SIGTERM)" in out

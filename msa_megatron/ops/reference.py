@@ -241,6 +241,15 @@ def _teacher_and_student_logp(q, k, qi, ki, ch, support, scale, index_scale):
     return p_teacher, torch.log_softmax(s_idx, dim=-1)
 
 
+def _kl_constants(q, qi, softmax_scale, index_scale, total_groups):
+    """(main scale, index scale, KL normaliser groups) with the defaults filled in."""
+    return (
+        1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale,
+        1.0 / math.sqrt(qi.shape[-1]) if index_scale is None else index_scale,
+        qi.shape[1] if total_groups is None else total_groups,
+    )
+
+
 def indexer_kl(
     q,
     k,
@@ -260,11 +269,8 @@ def indexer_kl(
     used detached. total_groups defaults to the local group count; a tensor-parallel rank that
     owns a slice of the groups passes the global count so that the ranks' values sum to the KL.
     """
-    total, hq, d = q.shape
-    groups, di = qi.shape[1], qi.shape[2]
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-    index_scale = 1.0 / math.sqrt(di) if index_scale is None else index_scale
-    total_groups = groups if total_groups is None else total_groups
+    total, groups = q.shape[0], qi.shape[1]
+    scale, index_scale, total_groups = _kl_constants(q, qi, softmax_scale, index_scale, total_groups)
     acc = qi.new_zeros((), dtype=_compute_dtype(qi))
     for ch, support in _support_masks(topk, cu_seqlens, total, block_size, chunk):
         support = support.expand(groups, -1, -1)
@@ -293,11 +299,8 @@ def indexer_kl_grads(
 
     This is the formula the fused KL-backward kernels implement (MSA.md step 7).
     """
-    total, hq, d = q.shape
-    groups, di = qi.shape[1], qi.shape[2]
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-    index_scale = 1.0 / math.sqrt(di) if index_scale is None else index_scale
-    total_groups = groups if total_groups is None else total_groups
+    total, groups = q.shape[0], qi.shape[1]
+    scale, index_scale, total_groups = _kl_constants(q, qi, softmax_scale, index_scale, total_groups)
     cd = _compute_dtype(qi)
     grad_scale = coeff * index_scale / (total * total_groups)
     dqi = torch.zeros(qi.shape, dtype=cd, device=qi.device)

@@ -32,6 +32,7 @@ from msa_megatron.training import checkpoint
 from msa_megatron.training.checkpoint import TrainState
 from msa_megatron.training.distributed import init_distributed, shutdown
 from msa_megatron.training.metrics import MetricsWriter
+from msa_megatron.training.signals import ExitRequest
 from msa_megatron.training.stages import is_sparse_stage, stage_name
 
 
@@ -101,6 +102,7 @@ class Trainer:
         )
         self.metrics = MetricsWriter(cfg, cfg.output_dir, active=topo.is_logger)
         self.msa_layers = msa_core_attentions(self.model)
+        self.exit_request = ExitRequest(_device())
 
     def _build_optimizer(self):
         o, bf16 = self.cfg.optim, self.cfg.train.precision == "bf16"
@@ -176,7 +178,7 @@ class Trainer:
             losses, grad_norm = self.train_step()
             window.add(losses, grad_norm, time.perf_counter() - t0)
             done, last = state.step, state.step == t.steps
-            exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and not last
+            exiting = not last and ((bool(t.exit_interval) and done % t.exit_interval == 0) or self.exit_request.agreed())
             if done % t.log_interval == 0 or last or exiting:
                 record = self._log(done, window, time.perf_counter() - start)
                 window = _Window()
@@ -186,7 +188,8 @@ class Trainer:
                 path = checkpoint.save(self, state, self.metrics.wandb_run_id)
                 self._say(f"saved checkpoint {path}")
             if exiting:
-                self._say(f"exiting at step {done} (train.exit_interval={t.exit_interval}); rerun to resume")
+                why = self.exit_request.received or f"train.exit_interval={t.exit_interval}"
+                self._say(f"exiting at step {done} ({why}); rerun the same command to resume")
                 break
         self.metrics.close()
         return record
