@@ -20,7 +20,11 @@ $(STAMP): requirements.txt Makefile
 	$(PY) -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
 	touch $(STAMP)
 
+CORPUS := .cache/stdlib
+
 train: $(STAMP)
+	# The embedded corpus (stdlib sources + a BPE tokenizer trained on them): built once, then cached.
+	$(PY) -m data_prep.corpus --out $(CORPUS)
 	$(PY) train.py $(ARGS)
 
 test: $(STAMP)
@@ -30,4 +34,4 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs .cache

@@ -15,7 +15,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Tests run on the synthetic data unless they ask otherwise (the quickstart recipe uses the corpus).
+TEST_DEFAULTS = {"data": "mock", "model.vocab_size": "512", "train.eval_interval": "0"}
+
+
 def train(out_dir, *overrides, nproc: int = 1, timeout: int = 600) -> list[dict]:
+    given = {o.split("=", 1)[0] for o in overrides}
+    overrides = [f"{k}={v}" for k, v in TEST_DEFAULTS.items() if k not in given] + list(overrides)
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]

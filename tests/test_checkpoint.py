@@ -85,7 +85,7 @@ def test_sigterm_saves_and_exits(tmp_path):
 
     from tests.paths import ROOT
 
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={tmp_path}", "train.steps=400", "data.seq_length=256"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={tmp_path}", "train.steps=400", "data=mock", "model.vocab_size=512", "data.seq_length=256"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = tmp_path / "metrics.jsonl"

@@ -19,6 +19,8 @@ def test_default_quickstart_composes():
     cfg = load_config(composed())
     assert cfg.model.name == "tiny" and cfg.attention.type == "msa"
     assert cfg.attention.block_size == 32 and cfg.stage.warmup_tokens == 16384  # recipe tiny_cpu applied
+    assert cfg.data.type == "indexed" and cfg.model.vocab_size == 8192  # on the embedded corpus
+    assert load_config(composed("data=mock")).data.type == "mock"
     assert cfg.output_dir.endswith("tiny-msa-msa_pt")
 
 

@@ -41,4 +41,8 @@ def build_data(cfg, *, dp_rank: int, dp_size: int, consumed_microbatches: int = 
             d.valid_microbatches,
         )
         return DataStreams(train=train, valid=valid, eod=cfg.model.vocab_size - 1)
+    if d.type == "indexed":
+        from msa_megatron.data.indexed import indexed_streams
+
+        return indexed_streams(cfg, dp_rank=dp_rank, dp_size=dp_size, consumed_microbatches=consumed_microbatches)
     raise ValueError(f"data.type={d.type!r}: not available yet")
