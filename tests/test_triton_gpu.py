@@ -1,0 +1,276 @@
+"""MSA Triton kernels on a CUDA GPU against the float64 reference (run with `pytest -m gpu`).
+
+Every output is poisoned first (MSA_TRITON_POISON=1: NaN / -7), so an element no kernel wrote
+fails the finiteness checks. bf16 inputs; the reference sees the same bf16 values in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from msa_megatron.ops import MSAShape
+from msa_megatron.ops import reference as ref
+
+pytestmark = pytest.mark.gpu
+
+# Block edges (Bk = 128), the 2048-token budget edge, and a few long documents.
+LENGTHS = [1, 127, 128, 129, 2047, 2048, 2049, 4100, 7000]
+TOL = 1e-2
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("GPU tests need a CUDA device (run them on the device machine)")
+    return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("MSA_TRITON_POISON", "1")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite (unwritten?) output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make(lengths, hq, hkv, d=128, di=128, seed=0, dev=None):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    total = sum(lengths)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev, torch.bfloat16)
+
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    return rnd(total, hq, d), rnd(total, hkv, d), rnd(total, hkv, d), rnd(total, hkv, di), rnd(total, 1, di), cu
+
+
+def shape_for(d, di, lengths, bk=128, k=16):
+    return MSAShape(bk, k, 1 / math.sqrt(d), 1 / math.sqrt(di), max(lengths))
+
+
+def check_selection(sel, sel_ref, scores, cu, bk, k, tol=1e-4):
+    """Layout contract, and the same sets as the reference except exact near-ties.
+
+    bf16 inputs with fp32 accumulation can swap two blocks whose float64 scores differ by ~1e-6;
+    such a swap is allowed only if it is a tie within `tol`, and must stay rare.
+    """
+    groups, total, kk = sel.shape
+    assert sel.dtype == torch.int32 and (sel != -7).all()
+    layout = ref.doc_layout(cu, total)
+    local = (layout.pos // bk).to(sel.device)
+    n_valid = torch.clamp(local + 1, max=k)
+    slot = torch.arange(k, device=sel.device)
+    valid = sel >= 0
+    assert torch.equal(valid, (slot[None, None, :] < n_valid[None, :, None]).expand_as(valid))
+    last = sel.gather(-1, (n_valid - 1).view(1, -1, 1).expand(groups, -1, 1)).squeeze(-1)
+    assert torch.equal(last, local.view(1, -1).expand(groups, -1).to(torch.int32))
+    nb = scores.shape[-1]
+
+    def as_mask(s):
+        m = torch.zeros(groups, total, nb + 1, dtype=torch.bool, device=s.device)
+        m.scatter_(-1, torch.where(s < 0, nb, s).long(), True)
+        return m[..., :nb]
+
+    mine, want = as_mask(sel), as_mask(sel_ref)
+    assert (mine.sum(-1) == n_valid.view(1, -1)).all(), "duplicate block ids in a row"
+    differ = (mine != want).any(-1)
+    assert differ.float().mean().item() < 1e-3, f"{int(differ.sum())} rows pick other blocks"
+    if differ.any():
+        visible = torch.arange(nb, device=sel.device).view(1, 1, nb) < local.view(1, -1, 1)
+        s = scores.to(sel.device)
+        lo = torch.where(mine & visible, s, float("inf")).amin(-1)
+        hi = torch.where(~mine & visible, s, float("-inf")).amax(-1)
+        assert (lo[differ] >= hi[differ] - tol).all(), "a swapped pick is not a near-tie"
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 4), (16, 2), (16, 1)])
+def test_select_blocks_and_index_lse(hq, hkv):
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    q, k, v, qi, ki, cu = make(LENGTHS, hq, hkv, seed=1, dev=dev)
+    shape = shape_for(128, 128, LENGTHS)
+    sel, ilse = tri.select_blocks(qi, ki, cu, shape)
+    scores = ref.index_block_scores(qi.double(), ki.double(), cu, 128)
+    sel_ref = ref.select_blocks(scores, cu, 128, 16)
+    check_selection(sel, sel_ref, scores, cu, 128, 16)
+    want = ref.index_lse(qi.double(), ki.double(), sel, cu, 128)
+    assert rel(ilse, want) < 1e-5
+    assert ilse.dtype == torch.float32 and ilse.shape == (hkv, q.shape[0])
+
+
+def test_select_blocks_ties_pick_lower_ids():
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    lengths = [3000]
+    _, _, _, qi, ki, cu = make(lengths, 4, 2, seed=2, dev=dev)
+    qi = torch.zeros_like(qi)  # every score is 0: all blocks tie
+    sel, _ = tri.select_blocks(qi, ki, cu, shape_for(128, 128, lengths))
+    last = sel[:, -1].tolist()  # position 2999, local block 23
+    assert all(row == list(range(15)) + [23] for row in last), last
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 128), (8, 4, 128), (16, 2, 128), (16, 1, 128), (6, 2, 64), (4, 1, 96)])
+def test_sparse_attention_forward_backward(hq, hkv, d):
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    q, k, v, qi, ki, cu = make(LENGTHS, hq, hkv, d=d, seed=3, dev=dev)
+    shape = shape_for(d, 128, LENGTHS)
+    sel, _ = tri.select_blocks(qi, ki, cu, shape)
+    qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o, lse = tri.sparse_attention(qg, kg, vg, sel, cu, shape)
+    assert o.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == (q.shape[0], hq)
+    do = torch.randn_like(o)
+    dlse = torch.randn_like(lse) * 0.1
+    torch.autograd.backward((o, lse), (do, dlse))
+    qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]
+    o_r, lse_r = ref.sparse_attention(qd, kd, vd, sel, cu, 128)
+    torch.autograd.backward((o_r, lse_r), (do.double(), dlse.double()))
+    assert rel(o, o_r) < TOL
+    assert rel(lse, lse_r) < 1e-5
+    for got, want in ((qg.grad, qd.grad), (kg.grad, kd.grad), (vg.grad, vd.grad)):
+        assert rel(got, want) < TOL
+
+
+def test_sparse_equals_dense_kernels_for_short_documents():
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    lengths = [2048, 1, 700, 129]
+    q, k, v, qi, ki, cu = make(lengths, 16, 2, seed=4, dev=dev)
+    shape = shape_for(128, 128, lengths)
+    sel, _ = tri.select_blocks(qi, ki, cu, shape)
+    o_s, l_s = tri.sparse_attention(q, k, v, sel, cu, shape)
+    o_d, l_d = tri.dense_attention(q, k, v, cu, shape)
+    assert rel(o_s, o_d.float()) < 1e-2 and rel(l_s, l_d) < 1e-5
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(16, 2, 128), (8, 8, 128), (6, 3, 64)])
+def test_dense_attention_forward_backward(hq, hkv, d):
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    lengths = [1, 127, 128, 129, 2047, 2049, 3000]
+    q, k, v, _, _, cu = make(lengths, hq, hkv, d=d, seed=5, dev=dev)
+    shape = shape_for(d, 128, lengths)
+    qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o, lse = tri.dense_attention(qg, kg, vg, cu, shape)
+    do = torch.randn_like(o)
+    dlse = torch.randn_like(lse) * 0.1
+    torch.autograd.backward((o, lse), (do, dlse))
+    qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]
+    o_r, lse_r = ref.dense_attention(qd, kd, vd, cu)
+    torch.autograd.backward((o_r, lse_r), (do.double(), dlse.double()))
+    assert rel(o, o_r) < TOL and rel(lse, lse_r) < 1e-5
+    for got, want in ((qg.grad, qd.grad), (kg.grad, kd.grad), (vg.grad, vd.grad)):
+        assert rel(got, want) < TOL
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("hq,hkv", [(16, 2), (8, 4), (4, 4)])
+def test_indexer_kl_value_and_grads(sparse, hq, hkv):
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    lengths = LENGTHS if sparse else [1, 127, 129, 2049, 3000]
+    q, k, v, qi, ki, cu = make(lengths, hq, hkv, seed=6, dev=dev)
+    shape = shape_for(128, 128, lengths)
+    if sparse:
+        sel, ilse = tri.select_blocks(qi, ki, cu, shape)
+        _, lse = tri.sparse_attention(q, k, v, sel, cu, shape)
+    else:
+        sel, ilse = None, None
+        _, lse = tri.dense_attention(q, k, v, cu, shape)
+    qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+    qg = q.clone().requires_grad_(True)
+    coeff = 0.37
+    kl = tri.indexer_kl(qg, k, lse, qig, kig, ilse, sel, cu, shape, total_groups=2 * hkv)
+    (coeff * kl).backward()
+    assert qg.grad is None  # the teacher is detached
+    args = (q.double(), k.double(), qi.double(), ki.double(), cu, sel, 128)
+    kl_r = ref.indexer_kl(*args, total_groups=2 * hkv)
+    dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=2 * hkv, coeff=coeff)
+    assert kl.item() == pytest.approx(kl_r.item(), rel=TOL)
+    assert rel(qig.grad, dqi_r) < TOL and rel(kig.grad, dki_r) < TOL
+    assert qig.grad.dtype == qi.dtype and kig.grad.shape == ki.shape
+
+
+def test_backward_is_deterministic():
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    q, k, v, qi, ki, cu = make(LENGTHS, 16, 2, seed=7, dev=dev)
+    shape = shape_for(128, 128, LENGTHS)
+    sel, ilse = tri.select_blocks(qi, ki, cu, shape)
+    do = torch.randn(q.shape, device=dev, dtype=q.dtype)
+    grads = []
+    for _ in range(2):
+        qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        o, lse = tri.sparse_attention(qg, kg, vg, sel, cu, shape)
+        o.backward(do)
+        qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+        tri.indexer_kl(q, k, lse, qig, kig, ilse, sel, cu, shape).backward()
+        grads.append([qg.grad, kg.grad, vg.grad, qig.grad, kig.grad])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_chunked_queries_match_one_pass(monkeypatch):
+    """The per-slot buffers are bounded by running queries in chunks; results must not change."""
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    q, k, v, qi, ki, cu = make(LENGTHS, 8, 2, seed=8, dev=dev)
+    shape = shape_for(128, 128, LENGTHS)
+    outs = []
+    for chunk in ("100000", "3000"):
+        monkeypatch.setenv("MSA_QUERY_CHUNK", chunk)
+        sel, ilse = tri.select_blocks(qi, ki, cu, shape)
+        qg = q.clone().requires_grad_(True)
+        o, lse = tri.sparse_attention(qg, k, v, sel, cu, shape)
+        o.float().square().sum().backward()
+        outs.append((o, lse, qg.grad))
+    for a, b in zip(*outs):
+        assert rel(a, b.double()) < 1e-3
+
+
+def test_long_batch_int64_offsets_sampled_rows():
+    """T * Hq * d > 2^31: sampled rows of the forward against a per-row float64 computation."""
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    lengths = [150_000, 130_000]
+    hq, hkv, d = 64, 4, 128
+    total = sum(lengths)
+    assert total * hq * d > 2**31
+    gen = torch.Generator(device=dev).manual_seed(9)
+    q = torch.randn(total, hq, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(total, hkv, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(total, hkv, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    qi = torch.randn(total, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    ki = torch.randn(total, 1, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    cu = torch.tensor([0, lengths[0], total], dtype=torch.int32, device=dev)
+    shape = shape_for(d, 128, lengths)
+    sel, ilse = tri.select_blocks(qi, ki, cu, shape)
+    o, lse = tri.sparse_attention(q, k, v, sel, cu, shape)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    rows = torch.tensor([0, 2048, 77_777, 149_999, 150_000, 200_123, total - 1], device=dev)
+    for i in rows.tolist():
+        start = 0 if i < lengths[0] else lengths[0]
+        for g in range(hkv):
+            blocks = [b for b in sel[g, i].tolist() if b >= 0]
+            keys = torch.cat([torch.arange(start + b * 128, min(start + (b + 1) * 128, i + 1), device=dev) for b in blocks])
+            s = torch.einsum("hd,kd->hk", q[i, g * 16 : (g + 1) * 16].double(), k[keys, g].double()) / math.sqrt(d)
+            p = torch.softmax(s, -1)
+            want = p @ v[keys, g].double()
+            assert rel(o[i, g * 16 : (g + 1) * 16], want) < TOL
+            assert rel(lse[i, g * 16 : (g + 1) * 16], torch.logsumexp(s, -1)) < 1e-5
+            si = (qi[i, g].double() @ ki[keys, 0].double().T) / math.sqrt(128)
+            assert abs(ilse[g, i].item() - torch.logsumexp(si, 0).item()) < 1e-3
