@@ -43,6 +43,7 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = True
+    use_cpu_initialization: bool = False  # build weights on the CPU (TP-size-independent init; slower)
     transformer_impl: str = "auto"  # auto (Transformer Engine when importable) | local | transformer_engine
 
 

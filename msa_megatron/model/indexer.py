@@ -61,8 +61,11 @@ class MSAIndexer(MegatronModule):
     def _sync_replicated_params(self):
         """Replicated weights start identical on every TP rank (TP rank 0's values)."""
         src = torch.distributed.get_process_group_ranks(self.tp_group)[0]
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs GPU tensors
         for p in self.replicated_parameters():
-            torch.distributed.broadcast(p.data, src=src, group=self.tp_group)
+            buf = p.data.to(device)
+            torch.distributed.broadcast(buf, src=src, group=self.tp_group)
+            p.data.copy_(buf)
 
     def replicated_parameters(self):
         names = ["linear_k.weight"] + (["q_norm_weight", "k_norm_weight"] if self.msa.index_norm else [])

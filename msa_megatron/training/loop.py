@@ -70,7 +70,8 @@ class Trainer:
         self.cfg, self.topo = cfg, topo
         validate(cfg, world_size=topo.world_size)
         self.num_microbatches = num_microbatches(cfg, topo.world_size)
-        self.tconfig = to_transformer_config(cfg, use_cpu_initialization=not torch.cuda.is_available())
+        cpu_init = cfg.model.use_cpu_initialization or not torch.cuda.is_available()
+        self.tconfig = to_transformer_config(cfg, use_cpu_initialization=cpu_init)
         model = build_model(cfg, self.tconfig)
         self.state = TrainState()
         resuming = checkpoint.latest_step(cfg.checkpoint.load) is not None
