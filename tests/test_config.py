@@ -31,6 +31,7 @@ def test_pilot_model_and_gqa_presets():
     assert (m.num_moe_experts, m.moe_router_topk, m.moe_ffn_hidden_size) == (64, 4, 1536)
     assert cfg.attention.block_size == 128 and cfg.attention.topk_blocks == 16
     assert load_config(composed("attention=gqa")).attention.type == "gqa"
+    assert load_config(composed("parallel=gpu")).parallel.distributed_backend == "nccl"
 
 
 @pytest.mark.parametrize(
