@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
-from msa_megatron.ops.triton.plan import SparsePlan
+from msa_megatron.ops.triton.plan import SparsePlan, load_tile
 
 LOG2E = 1.4426950408889634
 
@@ -118,12 +118,7 @@ def _index_lse_part_kernel(
 ):
     """L_part[g, i, slot] = logsumexp over the visible keys of the slot's block of the index scores."""
     t = tl.program_id(0)
-    g = tl.load(tiles + t * 4)
-    row = tl.load(tiles + t * 4 + 1)
-    e0 = tl.load(tiles + t * 4 + 2)
-    cnt = tl.load(tiles + t * 4 + 3)
-    key_start = tl.load(row_key_start + row)
-    key_end = tl.load(row_key_end + row)
+    g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     d_ok = offs_d < DI

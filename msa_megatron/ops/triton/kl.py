@@ -18,7 +18,7 @@ import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
 from msa_megatron.ops.triton.indexer import doc_rows
-from msa_megatron.ops.triton.plan import SparsePlan
+from msa_megatron.ops.triton.plan import SparsePlan, load_tile
 from msa_megatron.ops.triton.sparse_attn import _block_ws_sum_kernel, slot_sum
 
 LOG2E = 1.4426950408889634
@@ -53,12 +53,7 @@ def _kl_sparse_kernel(
     """
     t_local = tl.program_id(0)
     t = tile0 + t_local
-    g = tl.load(tiles + t * 4)
-    row = tl.load(tiles + t * 4 + 1)
-    e0 = tl.load(tiles + t * 4 + 2)
-    cnt = tl.load(tiles + t * 4 + 3)
-    key_start = tl.load(row_key_start + row)
-    key_end = tl.load(row_key_end + row)
+    g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
+import triton
+import triton.language as tl
 
 from msa_megatron.ops.triton.common import timed
 
@@ -173,3 +175,13 @@ def get_plan(topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, chun
     except (AttributeError, RuntimeError):
         pass
     return plan
+
+
+@triton.jit
+def load_tile(tiles, t, row_key_start, row_key_end):
+    """Tile t of a plan: (group, KV row, first entry, entry count, the row's key range [start, end))."""
+    g = tl.load(tiles + t * 4)
+    row = tl.load(tiles + t * 4 + 1)
+    e0 = tl.load(tiles + t * 4 + 2)
+    cnt = tl.load(tiles + t * 4 + 3)
+    return g, row, e0, cnt, tl.load(row_key_start + row), tl.load(row_key_end + row)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
-from msa_megatron.ops.triton.plan import SparsePlan
+from msa_megatron.ops.triton.plan import SparsePlan, load_tile
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -48,12 +48,7 @@ def _sparse_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     t = tile0 + tl.program_id(0)
-    g = tl.load(tiles + t * 4)
-    row = tl.load(tiles + t * 4 + 1)
-    e0 = tl.load(tiles + t * 4 + 2)
-    cnt = tl.load(tiles + t * 4 + 3)
-    key_start = tl.load(row_key_start + row)
-    key_end = tl.load(row_key_end + row)
+    g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -237,12 +232,7 @@ def _sparse_bwd_kernel(
     """
     tl_local = tl.program_id(0)
     t = tile0 + tl_local
-    g = tl.load(tiles + t * 4)
-    row = tl.load(tiles + t * 4 + 1)
-    e0 = tl.load(tiles + t * 4 + 2)
-    cnt = tl.load(tiles + t * 4 + 3)
-    key_start = tl.load(row_key_start + row)
-    key_end = tl.load(row_key_end + row)
+    g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
