@@ -422,11 +422,3 @@ def to_transformer_config(c: RunConfig, *, use_cpu_initialization: bool):
         rotary_interleaved=False,
         deterministic_mode=False,
     )
-
-
-def index_rotary_dim(c: RunConfig) -> int:
-    return int(c.model.kv_channels * c.model.rotary_percent)
-
-
-def softmax_scale(c: RunConfig) -> float:
-    return 1.0 / math.sqrt(c.model.kv_channels)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -78,5 +77,3 @@ def block_spec(cfg, tconfig, use_te: bool, pp_rank=None) -> TransformerBlockSubm
     n = get_num_layers_to_build(tconfig, vp_stage=None, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=final_norm)
 
-
-__all__ = ["block_spec", "layer_spec", "transformer_engine_available", "IdentityOp"]

@@ -12,7 +12,6 @@ reference elsewhere. All tensors are packed THD (see ops/reference.py for shapes
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -87,6 +86,3 @@ def indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape: MSAShape, 
         q, k, qi, ki, cu_seqlens, topk, shape.block_size, shape.softmax_scale, shape.index_scale, total_groups
     )
 
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
