@@ -170,9 +170,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines a run is planned for (read by the dry run, `dry_run=true`; see plan.py)."""
+
+    name: str = "h100"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    # Not in torch's allocated bytes but on the card: CUDA context, NCCL buffers, allocator slack.
+    memory_reserve_gib: float = 6.0
+    peak_tflops_per_gpu: float = 989.0  # dense bf16 (H100/H200 SXM)
+    assumed_mfu: float = 0.3  # model FLOPs utilisation the step time and tokens/day assume
+
+
+@dataclass
 class RunConfig:
     name: str = "debug"
     output_dir: str = "outputs/debug"
+    dry_run: bool = False  # plan only: parameters, memory, FLOPs and fit on cluster.*; no GPU, no training
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -182,6 +197,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 SCHEMA_NAME = "msa_schema"
@@ -313,8 +329,18 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     _require(ck.keep_last >= 0, "checkpoint.keep_last", ck.keep_last, "must be >= 0")
     if t.exit_interval:
         _require(ck.save is not None, "train.exit_interval", t.exit_interval, "needs checkpoint.save to keep the progress")
+    _validate_cluster(c.cluster)
     if world_size is not None:
         _validate_world(c, world_size)
+
+
+def _validate_cluster(k: ClusterConfig) -> None:
+    for key in ("nodes", "gpus_per_node"):
+        _require(getattr(k, key) >= 1, f"cluster.{key}", getattr(k, key), "must be >= 1")
+    for key in ("gpu_memory_gib", "peak_tflops_per_gpu"):
+        _require(getattr(k, key) > 0, f"cluster.{key}", getattr(k, key), "must be > 0")
+    _require(0 <= k.memory_reserve_gib < k.gpu_memory_gib, "cluster.memory_reserve_gib", k.memory_reserve_gib, f"must be in [0, cluster.gpu_memory_gib={k.gpu_memory_gib})")
+    _require(0 < k.assumed_mfu <= 1, "cluster.assumed_mfu", k.assumed_mfu, "must be in (0, 1]")
 
 
 RECOMPUTE_MODULES = ("core_attn", "moe", "moe_act", "layernorm", "mlp", "shared_experts")
@@ -491,6 +517,26 @@ def data_parallel_size(c: RunConfig, world_size: int) -> int:
 
 def num_microbatches(c: RunConfig, world_size: int) -> int:
     return c.train.global_batch_size // (c.train.micro_batch_size * data_parallel_size(c, world_size))
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Megatron-LM's rule: pad the vocabulary to a multiple of 128 * TP so it shards evenly."""
+    step = multiple * tp
+    return ((vocab_size + step - 1) // step) * step
+
+
+def is_moe_layer(c: RunConfig, layer: int) -> bool:
+    """Whether 0-based `layer` has a MoE FFN (megatron-core's moe_layer_freq rule)."""
+    m = c.model
+    if m.num_moe_experts is None:
+        return False
+    freq = m.moe_layer_freq
+    return bool(freq[layer]) if isinstance(freq, (list, tuple)) else layer % freq == 0
+
+
+def is_msa_layer(c: RunConfig, layer: int) -> bool:
+    """Whether 0-based `layer` runs MSA (it owns an index branch) rather than full attention."""
+    return c.attention.type == "msa" and layer not in c.attention.dense_layers
 
 
 def tokens_per_step(c: RunConfig) -> int:

@@ -6,13 +6,8 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 
+from msa_megatron.config import padded_vocab_size
 from msa_megatron.model.specs import block_spec, transformer_engine_available
-
-
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Megatron-LM's rule: pad the vocabulary to a multiple of 128 * TP so it shards evenly."""
-    step = multiple * tp
-    return ((vocab_size + step - 1) // step) * step
 
 
 def use_transformer_engine(cfg) -> bool:

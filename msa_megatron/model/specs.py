@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
+from msa_megatron.config import is_moe_layer, is_msa_layer
 from msa_megatron.model.attention import MSACoreAttention, MSASelfAttention, PackedCoreAttention, PackedSelfAttention
 from msa_megatron.model.norms import RMSNorm
 
@@ -61,19 +62,6 @@ def _te_submodules(cfg, moe: bool):
     # as linear_qkv.layer_norm_*.
     sub.sharded_state_dict_keys_map = {**sub.sharded_state_dict_keys_map, "input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     return sub, TENorm
-
-
-def is_moe_layer(cfg, layer: int) -> bool:
-    """Whether 0-based `layer` has a MoE FFN (megatron-core's moe_layer_freq rule)."""
-    m = cfg.model
-    if m.num_moe_experts is None:
-        return False
-    freq = m.moe_layer_freq
-    return bool(freq[layer]) if isinstance(freq, (list, tuple)) else layer % freq == 0
-
-
-def is_msa_layer(cfg, layer: int) -> bool:
-    return cfg.attention.type == "msa" and layer not in cfg.attention.dense_layers
 
 
 def layer_spec(cfg, use_te: bool, layer: int = 0) -> tuple[ModuleSpec, type]:
