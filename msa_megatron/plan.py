@@ -6,7 +6,8 @@ Plain arithmetic on the RunConfig (no torch, no GPU, no process group); the dry 
 - Parameters per rank are exact: they follow the modules the builder creates (megatron-core's GPT
   layers with our attention, index branch and MoE specs), split the way megatron-core splits them;
   tests/test_plan.py builds real models for every parallel kind and compares.
-- Memory per GPU is an estimate of torch's peak allocated bytes on the busiest pipeline stage:
+- Memory per GPU is an estimate of torch's peak allocated bytes on the busiest pipeline stage, for
+  the local layer spec (model.transformer_impl=local, or auto without Transformer Engine):
   static: weights (bf16 2 B), the fp32 gradient buffer (4 B, grad_reduce_in_fp32), Adam (fp32 master
   copy + two moments, 12 B; fp32 runs keep no master copy, 8 B), sharded by the distributed
   optimizer over data x context ranks (dense parameters) and expert-data ranks (routed experts);
@@ -454,8 +455,9 @@ def stage_memory(cfg: RunConfig, lay: Layout, pp_rank: int, sparse: bool, device
         extras = last_stage_activations(cfg, lay, device)
         activation_parts.update(extras)
         logits = extras["logits"]
-        if logits > transient:  # the bf16 logits and the fp32 gradient while the loss runs
-            transient, kind = logits, "logits and cross entropy"
+        bf16_logits = logits // 2  # the output layer's logits (forward) and their gradient (backward)
+        if bf16_logits > transient:
+            transient, kind = bf16_logits, "logits and cross entropy"
     if span:
         transient += span
         kind += " + one recomputed span"

@@ -33,6 +33,8 @@ sys.path.insert(0, ROOT)
 GPU_PROXY = [
     "~recipe", "model=msa109b", "model.num_layers=4", "model.moe_layer_freq=[0,1,1,1]", "model.num_moe_experts=16",
     "parallel=gpu", "train.precision=bf16", "data=mock", "data.mock_min_doc=4096", "data.mock_max_doc=32768",
+    "model.transformer_impl=local",  # the layer spec the planner models (Transformer Engine keeps other tensors)
+    "parallel.use_distributed_optimizer=true",
 ]
 CPU_PROXY = [
     "~recipe", "model=tiny", "model.num_layers=2", "parallel=cpu", "train.precision=fp32", "data=mock",
