@@ -78,3 +78,26 @@ LAYOUTS = {
 def test_layout_matches_one_process(name, single_process, initial_weights, tmp_path):
     layout, nproc = LAYOUTS[name]
     assert_same_run(single_process, run_layout(tmp_path, initial_weights, *layout, nproc=nproc))
+
+
+RESHARDS = {
+    # saved with ... -> resumed with ...
+    "tp2xpp2_to_cp2": (["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], 4,
+                       ["parallel.context_parallel_size=2"], 2),
+    "dp2_distopt_to_pp2_distopt": (["parallel.use_distributed_optimizer=true"], 2,
+                                   ["parallel.pipeline_model_parallel_size=2", "parallel.use_distributed_optimizer=true"], 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RESHARDS))
+def test_resume_with_another_layout_continues_the_run(name, single_process, initial_weights, tmp_path):
+    """Steps 1-2 with one layout, saved; steps 3-4 resumed with another: the same losses as the
+    uninterrupted one-process run (weights, optimizer state, LR schedule, data position reshard)."""
+    before, n_before, after, n_after = RESHARDS[name]
+    ckpt = f"checkpoint.save={tmp_path / 'ckpt'}"
+    first = run_layout(tmp_path / "a", initial_weights, *before, ckpt, "train.exit_interval=2", nproc=n_before)
+    assert [r["train/step"] for r in first] == [1, 2]
+    second = run_layout(tmp_path / "b", initial_weights, *after, ckpt, nproc=n_after)
+    assert [r["train/step"] for r in second] == [3, 4]
+    assert_same_run(single_process, first + second)
