@@ -148,6 +148,7 @@ def resume(trainer, root: str) -> Optional[TrainState]:
     if step is None:
         return None
     path = iteration_dir(root, step)
+    _check_optimizer_kind(path, trainer.cfg.parallel.use_distributed_optimizer)
     model_sd = model_state_dicts(trainer.model)
     _allocate_optimizer_state(trainer.optimizer)
     sharded = {**model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)}
@@ -158,6 +159,20 @@ def resume(trainer, root: str) -> Optional[TrainState]:
     _unshare_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     return TrainState(**loaded["train_state"])
+
+
+def _check_optimizer_kind(path: str, distributed: bool) -> None:
+    """The optimizer state of one optimizer kind cannot be loaded into the other."""
+    meta = os.path.join(path, META)
+    if not os.path.exists(meta):
+        return
+    with open(meta) as f:
+        saved = json.load(f).get("config", {}).get("parallel", {}).get("use_distributed_optimizer")
+    if saved is not None and bool(saved) != bool(distributed):
+        raise CheckpointError(
+            f"parallel.use_distributed_optimizer={distributed}: {path} was saved with {bool(saved)}; resume with the same "
+            "setting (the two optimizers store their state differently)"
+        )
 
 
 def _torch_adams(optimizer):
