@@ -73,6 +73,11 @@ def summary(plan: Plan, overrides: list[str]) -> dict:
             "activations_per_microbatch": _gib(top.activations / max(top.inflight, 1)),
             "microbatches_in_flight": top.inflight,
             "msa_buffers": _gib(top.msa_state),
+            "msa_buffers_detail": {
+                "index_scores": 0.0,  # never materialised: the indexer's top-k is fused
+                "topk_and_plan": _gib(top.activation_parts.get("msa_topk_plan", 0)),
+                "kl_state": _gib(top.activation_parts.get("msa_kl_state", 0)),
+            },
             "logits": _gib(top.logits),
             "transient": _gib(top.transient),
             "reserve": cfg.cluster.memory_reserve_gib,
@@ -81,6 +86,7 @@ def summary(plan: Plan, overrides: list[str]) -> dict:
         },
         "gpu_memory_gib": cfg.cluster.gpu_memory_gib,
         "fits": plan.fits,
+        "index_branch_over_tp": index_split(cfg, lay),
         "flops_per_token": {str(c): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in f.items()}
                             for c, f in plan.flops.items()},
         "assumed_mfu": cfg.cluster.assumed_mfu,

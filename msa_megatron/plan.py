@@ -282,9 +282,9 @@ def layer_activations(cfg: RunConfig, lay: Layout, layer: int, sparse: bool, dev
     else:
         out["attention"] += 2 * tk * groups_l * d * b + t * heads_l * 4  # k, v (all key rows), lse
         if msa:
-            out["msa_state"] += (t * groups_l + tk) * di * 4  # KL index gradients (fp32)
+            out["msa_kl_state"] += (t * groups_l + tk) * di * 4  # the fused KL's index gradients (fp32)
             if sparse:
-                out["msa_state"] += 3 * groups_l * t * a.topk_blocks * 4  # top-k + plan entries (int32)
+                out["msa_topk_plan"] += 3 * groups_l * t * a.topk_blocks * 4  # top-k + plan entries (int32)
 
     # FFN block
     if "layernorm" in recompute:
@@ -473,7 +473,7 @@ def stage_memory(cfg: RunConfig, lay: Layout, pp_rank: int, sparse: bool, device
         optimizer_replicated=replicated,
         optimizer_distributed=distributed,
         activations=sum(activation_parts.values()),
-        msa_state=activation_parts.get("msa_state", 0),
+        msa_state=activation_parts.get("msa_topk_plan", 0) + activation_parts.get("msa_kl_state", 0),
         logits=logits,
         transient=transient,
         transient_kind=kind,
