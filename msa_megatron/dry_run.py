@@ -13,7 +13,17 @@ import sys
 from typing import Optional
 
 from msa_megatron.config import ConfigError, RunConfig, validate
-from msa_megatron.plan import GIB, Plan, StageMemory, advice, index_split, largest_term, make_plan, recompute_overhead
+from msa_megatron.plan import (
+    GIB,
+    Plan,
+    StageMemory,
+    advice,
+    index_split,
+    largest_term,
+    make_plan,
+    recompute_overhead,
+    stage_layers,
+)
 
 EXIT_DOES_NOT_FIT = 2
 
@@ -114,7 +124,7 @@ def report(plan: Plan, overrides: list[str]) -> str:
     lines = []
     say = lines.append
     say(f"== dry run: {cfg.name} on {c.nodes} x {c.gpus_per_node} {c.name} ({lay.gpus} GPUs, {c.gpu_memory_gib:g} GiB each)")
-    split = "/".join(str(sum(len(ch) for ch in chunks)) for chunks in _layers(plan))
+    split = "/".join(str(sum(len(ch) for ch in chunks)) for chunks in stage_layers(cfg))
     say(
         f"layout     TP {lay.tp} | CP {lay.cp} | PP {lay.pp}" + (f" x {lay.vpp} virtual" if lay.vpp > 1 else "")
         + f" (layers {split}) | EP {lay.ep} | ETP {lay.etp} | DP {lay.dp} (expert DP {lay.expert_dp})"
@@ -167,8 +177,8 @@ def report(plan: Plan, overrides: list[str]) -> str:
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     say(f"  {'total':<18}{total / GIB:8.2f}   of {c.gpu_memory_gib:g} -> {verdict}")
     for name, stages in plan.stages.items():
-        label = "dense warmup" if name == "dense" and cfg.attention.type == "msa" else name
-        say(f"  {label:<18}" + " | ".join(f"stage {s.stage} {(s.peak + plan.reserve) / GIB:.1f}" for s in stages))
+        label = ("dense warmup" if name == "dense" and cfg.attention.type == "msa" else name) + ", by stage"
+        say(f"  {label:<24}" + " | ".join(f"{s.stage}: {(s.peak + plan.reserve) / GIB:.1f}" for s in stages))
 
     say("")
     say("FLOPs per token, training (3 x forward): dense GQA | MSA dense warmup | MSA sparse | attention dense/MSA")
@@ -193,12 +203,6 @@ def report(plan: Plan, overrides: list[str]) -> str:
     say("")
     say(f"submit: {submit_command(cfg, overrides)}")
     return "\n".join(lines)
-
-
-def _layers(plan: Plan):
-    from msa_megatron.plan import stage_layers
-
-    return stage_layers(plan.cfg)
 
 
 def _stages_line(plan: Plan) -> str:

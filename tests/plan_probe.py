@@ -3,9 +3,9 @@
     torchrun --nproc_per_node N tests/plan_probe.py CASES.json OUT.json
 
 CASES.json: {"name": {"group": {"key": value}}, ...} configs for load_config; each must fit the
-world size. For every case, every rank builds its model chunks (as the trainer does, CPU, gloo),
-wraps them in megatron's DDP and builds the optimizer, then reports its pipeline rank, parameter
-count, routed-expert parameter count (megatron marks them allreduce=False) and the parameters of
+world size. For every case, every rank builds its model chunks (as the trainer does, CPU, gloo) and reports
+its pipeline rank, parameter count and routed-expert parameter count; with the distributed
+optimizer it also wraps them in megatron's DDP, builds the optimizer and reports the parameters of
 its optimizer shard; a case with "measure_activations" also runs one forward pass of a packed
 micro-batch and reports the bytes autograd saved for backward. Rank 0 writes OUT.json:
 {"name": [per rank record, ...]}. tests/test_plan.py compares it with msa_megatron/plan.py.
@@ -56,15 +56,15 @@ def probe(cfg) -> dict:
         "params": sum(p.numel() for p in params),
         "expert_params": sum(p.numel() for n, p in named if ".mlp.experts." in n),
     }
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
-    )
+    if not cfg.parallel.use_distributed_optimizer:  # replicated Adam: nothing to compare beyond the parameters
+        return record, chunks
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
     model = [
         DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
         for i, c in enumerate(chunks)
     ]
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
+        OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True),
         model,
     )
     record["optimizer_params"] = sum(

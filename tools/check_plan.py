@@ -118,8 +118,10 @@ def measure(args, name: str, overrides: list[str], out_dir: str) -> dict:
     """Train under torchrun; median step time after the first `--skip` steps and peak memory."""
     run_dir = os.path.join(out_dir, "runs", name)
     os.makedirs(run_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}", f"--master_port={free_port()}",
-           os.path.join(ROOT, "train.py"), f"output_dir={run_dir}", *overrides]
+    launcher = [sys.executable]  # one process: train.py makes its own world of one
+    if args.gpus > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}", f"--master_port={free_port()}"]
+    cmd = launcher + [os.path.join(ROOT, "train.py"), f"output_dir={run_dir}", *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     if args.cpu:
         env["OMP_NUM_THREADS"] = "1"
