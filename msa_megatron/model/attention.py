@@ -24,7 +24,6 @@ from megatron.core.transformer.module import MegatronModule
 from msa_megatron import ops
 from msa_megatron.model.indexer import MSAIndexer
 from msa_megatron.model.kl_loss import KLLossAutoScaler, LayerKLStats
-from msa_megatron.ops import reference
 
 
 def _to_thd(query, key, value, packed_seq_params):
@@ -108,7 +107,8 @@ class MSACoreAttention(PackedCoreAttention):
             o, lse = ops.dense_attention(q, k, v, cu, shape, backend)
             kl_support, kl_index_lse = None, None
         if self.measure_recall:
-            self.stats.record_recall(*reference.selection_recall(q.detach(), k.detach(), topk, cu, shape.block_size, shape.softmax_scale))
+            recall = ops.selection_recall(q.detach(), k.detach(), topk, cu, shape, backend, self.msa.recall_queries)
+            self.stats.record_recall(*recall)
 
         kl = ops.indexer_kl(
             q.detach(), k.detach(), lse.detach(), qi, ki, kl_index_lse, kl_support, cu, shape, backend, self.total_groups

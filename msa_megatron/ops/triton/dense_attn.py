@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_megatron.ops.triton.common import interpreting, new_buffer, next_pow2
+from msa_megatron.ops.triton.common import interpreting, new_buffer, next_pow2, timed
 from msa_megatron.ops.triton.rows import block_rows, key_pos, positions
 from msa_megatron.ops.triton.sparse_attn import attention_delta
 
@@ -334,11 +334,13 @@ class DenseAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         name = dense_backend(q, k, qpos)
         state = ()
-        if name == "triton" or q.shape[0] == 0:
+        if q.shape[0] == 0:
             name = "triton"
-            o, lse = triton_forward(q, k, v, cu_seqlens, softmax_scale, qpos)
-        else:
-            o, lse, state = _library_forward(name, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+        with timed(f"dense attention fwd ({name})"):
+            if name == "triton":
+                o, lse = triton_forward(q, k, v, cu_seqlens, softmax_scale, qpos)
+            else:
+                o, lse, state = _library_forward(name, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, *([] if qpos is None else [qpos]), *state)
         ctx.meta = (name, softmax_scale, max_seqlen, qpos is not None, len(state))
         return o, lse
@@ -352,7 +354,9 @@ class DenseAttention(torch.autograd.Function):
         state = saved[len(saved) - n_state :] if n_state else ()
         do = torch.zeros_like(o) if do is None else do.contiguous()
         if name != "triton" and dlse is None:
-            dq, dk, dv = _library_backward(name, do, q, k, v, o, state, cu, max_seqlen, scale)
+            with timed(f"dense attention bwd ({name})"):
+                dq, dk, dv = _library_backward(name, do, q, k, v, o, state, cu, max_seqlen, scale)
         else:
-            dq, dk, dv = triton_backward(do, q, k, v, o, lse, dlse, cu, scale, qpos)
+            with timed("dense attention bwd (triton)"):
+                dq, dk, dv = triton_backward(do, q, k, v, o, lse, dlse, cu, scale, qpos)
         return dq, dk, dv, None, None, None, None
