@@ -286,14 +286,19 @@ def test_dense_attention_runs_on_a_library_kernel():
     """The dense warm-up (and attention=gqa) path: cuDNN or flash varlen agrees with our kernels on
     this machine and is picked; its lse-free backward matches the reference too."""
     from msa_megatron.ops import triton as tri
+    from msa_megatron.ops.triton import dense_lib
     from msa_megatron.ops.triton.dense_attn import dense_backend
 
     dev = _cuda()
-    lengths = [1, 127, 129, 2049, 3000]
-    q, k, v, _, _, cu = make(lengths, 16, 2, seed=14, dev=dev)
-    name = dense_backend(q, k, None)
-    print(f"dense attention backend: {name}")
-    assert name in ("cudnn", "flash")
+    for lengths in ([1, 127, 129, 2049, 3000], [1500, 1500]):  # packed, then uniform documents
+        q, k, v, _, _, cu = make(lengths, 16, 2, seed=14, dev=dev)
+        name = dense_backend(q, k, cu, max(lengths))
+        print(f"dense attention backend for {lengths}: {name}; probes: {dense_lib.PROBES}")
+        assert name != "triton"
+        _check_dense_against_reference(tri, q, k, v, cu, lengths)
+
+
+def _check_dense_against_reference(tri, q, k, v, cu, lengths):
     qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
     o, lse = tri.dense_attention(qg, kg, vg, cu, shape_for(128, 128, lengths))
     do = torch.randn_like(o)

@@ -11,7 +11,7 @@ def run_case(n, kind, args, tri, report):
     from torch.nn.attention import SDPBackend
 
     from msa_megatron import ops
-    from msa_megatron.ops.triton import common, dense_attn, indexer, kl as klmod, plan as planmod, sparse_attn
+    from msa_megatron.ops.triton import common, dense_attn, dense_lib, indexer, kl as klmod, plan as planmod, sparse_attn
     from msa_megatron.ops.triton.common import query_chunk
 
     lengths = [n] if kind == "single" else mixed_lengths(n, seed=n)
@@ -39,8 +39,8 @@ def run_case(n, kind, args, tri, report):
     # Indexer (+ top-k), the plan and the index lse.
     sel = indexer.select_topk(qi, ki, cu, BK, TOPK)
     rec("indexer select (top-k kernel)", bench(lambda: indexer.select_topk(qi, ki, cu, BK, TOPK)), f["index"])
-    plan = planmod.build_plan(sel, cu, BK, query_chunk(), k.shape[0])
-    rec("plan (block->queries CSR)", bench(lambda: planmod.build_plan(sel, cu, BK, query_chunk(), k.shape[0])),
+    plan = planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0])
+    rec("plan (block->queries CSR)", bench(lambda: planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0])),
         host_syncs=host_syncs(lambda: tri.select_blocks(qi, ki, cu, shape)))
     rec("index lse (selected support)", bench(lambda: indexer.index_lse(qi, ki, sel, plan, shape.index_scale)))
     rec("select_blocks total", bench(lambda: tri.select_blocks(qi, ki, cu, shape)), f["index"])
@@ -93,18 +93,22 @@ def run_case(n, kind, args, tri, report):
     torch.cuda.empty_cache()
 
     # Dense warm-up: the library dense attention (also attention=gqa) + the dense KL.
-    backend = dense_attn.dense_backend(q, k, None)
-    _, dlse = dense_attn.DenseAttention.apply(q, k, v, cu, scale, shape.max_seqlen, None)
-    rec("KL dense warm-up", bench(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, shape.index_scale, 4), **slow),
-        f["dense_kl"])
-    del dlse
-    rec(f"dense attention fwd+bwd (ours: {backend})", bench(dense_layer, **slow), f["dense_fwd"] + f["dense_bwd"],
-        layer_gib=round(peak_gib(dense_layer) + inputs, 2))
-    gib = peak_gib(warmup_layer)
-    ms = bench(warmup_layer, **slow)
-    breakdown = common.profile(warmup_layer)
-    rec("dense warm-up layer fwd+bwd", ms, f["dense_fwd"] + f["dense_bwd"] + f["dense_kl"], layer_gib=round(gib + inputs, 2),
-        host_syncs=host_syncs(warmup_layer), breakdown={key: round(val, 3) for key, val in breakdown.items()})
+    def timed_warmup():
+        backend = dense_attn.dense_backend(q, k, cu, shape.max_seqlen)
+        report(f"  {n:>6} {kind:<6} dense attention runs on {backend}; library probes: {dense_lib.PROBES}")
+        _, dlse = dense_attn.DenseAttention.apply(q, k, v, cu, scale, shape.max_seqlen, None)
+        rec("KL dense warm-up", bench(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, shape.index_scale, 4), **slow),
+            f["dense_kl"])
+        del dlse
+        rec(f"dense attention fwd+bwd (ours: {backend})", bench(dense_layer, **slow), f["dense_fwd"] + f["dense_bwd"],
+            layer_gib=round(peak_gib(dense_layer) + inputs, 2))
+        gib = peak_gib(warmup_layer)
+        ms = bench(warmup_layer, **slow)
+        breakdown = common.profile(warmup_layer)
+        rec("dense warm-up layer fwd+bwd", ms, f["dense_fwd"] + f["dense_bwd"] + f["dense_kl"], layer_gib=round(gib + inputs, 2),
+            host_syncs=host_syncs(warmup_layer), breakdown={key: round(val, 3) for key, val in breakdown.items()})
+
+    attempt("dense warm-up", timed_warmup)
     del qg, kg, vg, qig, kig
     torch.cuda.empty_cache()
 

@@ -33,7 +33,7 @@ from msa_megatron.ops.triton.indexer import index_lse as _index_lse
 from msa_megatron.ops.triton.indexer import select_topk
 from msa_megatron.ops.triton.kl import IndexerKL, dense_kl, sparse_kl
 from msa_megatron.ops.triton.plan import get_plan
-from msa_megatron.ops.triton.rows import positions
+from msa_megatron.ops.triton.rows import block_rows, positions
 from msa_megatron.ops.triton.sparse_attn import SparseAttention
 
 __all__ = ["select_blocks", "sparse_attention", "dense_attention", "indexer_kl", "plan_for"]
@@ -50,15 +50,16 @@ def _cu(cu_seqlens, device):
 def plan_for(topk, cu_seqlens, block_size, n_keys=None, qpos=None):
     """The block -> queries plan of a selection (cached on the topk tensor)."""
     check_block_size(block_size)
-    return get_plan(topk, _cu(cu_seqlens, topk.device), block_size, query_chunk(), n_keys, qpos)
+    return get_plan(topk, _cu(cu_seqlens, topk.device), block_size, query_chunk(topk.shape[1]), n_keys, qpos)
 
 
 @torch.no_grad()
 def select_blocks(qi, ki, cu_seqlens, shape, qpos=None):
     check_block_size(shape.block_size)
     cu = _cu(cu_seqlens, qi.device)
-    topk = select_topk(qi, ki, cu, shape.block_size, shape.topk, qpos)
-    plan = get_plan(topk, cu, shape.block_size, query_chunk(), ki.shape[0], qpos)
+    rows = block_rows(cu, ki.shape[0], shape.block_size, qpos)
+    topk = select_topk(qi, ki, cu, shape.block_size, shape.topk, qpos, rows)
+    plan = get_plan(topk, cu, shape.block_size, query_chunk(topk.shape[1]), ki.shape[0], qpos, rows)
     ilse = _index_lse(qi, ki, topk, plan, _scale(shape.index_scale, qi.shape[-1]))
     return topk, ilse
 
@@ -66,7 +67,7 @@ def select_blocks(qi, ki, cu_seqlens, shape, qpos=None):
 def sparse_attention(q, k, v, topk, cu_seqlens, shape, qpos=None):
     check_block_size(shape.block_size)
     topk = _selection(topk)
-    plan = get_plan(topk, _cu(cu_seqlens, q.device), shape.block_size, query_chunk(), k.shape[0], qpos)
+    plan = get_plan(topk, _cu(cu_seqlens, q.device), shape.block_size, query_chunk(topk.shape[1]), k.shape[0], qpos)
     return SparseAttention.apply(q, k, v, topk, plan, _scale(shape.softmax_scale, q.shape[-1]))
 
 
@@ -92,7 +93,7 @@ def indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape, total_grou
     else:
         check_block_size(shape.block_size)
         topk = _selection(topk)
-        plan = get_plan(topk, cu, shape.block_size, query_chunk(), k.shape[0], qpos)
+        plan = get_plan(topk, cu, shape.block_size, query_chunk(topk.shape[1]), k.shape[0], qpos)
         if index_lse is None:
             index_lse = _index_lse(qi_c, ki_c, topk, plan, iscale)
         ilse = index_lse.detach()

@@ -1,12 +1,9 @@
 """Dense causal GQA attention inside each document, with its lse (dense warm-up; attention=gqa).
 
-The main path is the fastest library kernel PyTorch carries, called on the packed (THD) tensors
-with cu_seqlens so no document is padded: cuDNN's varlen attention, else flash attention's
-(`DENSE_BACKENDS`). Both return the natural-log lse the KL needs. The first call on a device checks
-each candidate against this module's Triton kernels on a small packed batch (values and
-gradients) and takes the first that agrees, so a library build with another lse layout, no GQA
-or no varlen support is skipped rather than trusted. MSA_DENSE_BACKEND=cudnn|flash|triton forces
-one (tests, benchmarks).
+The main path is the fastest library kernel PyTorch carries (cuDNN, else flash; dense_lib.py),
+called on the packed tensors without padding any document, with the natural-log lse the KL needs.
+The first call per device and head shape checks each candidate against this module's Triton
+kernels and takes the first that agrees. MSA_DENSE_BACKEND=<candidate>|triton forces one.
 
 The Triton kernels below are the fallback, the qpos (context-parallel) path, and the backward
 when the lse itself receives a gradient (the libraries' backward cannot take one): forward and
@@ -16,13 +13,11 @@ dQ are query-owner programs per (document block, head); dK/dV a key-owner progra
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import triton
 import triton.language as tl
 
+from msa_megatron.ops.triton import dense_lib
 from msa_megatron.ops.triton.common import interpreting, new_buffer, next_pow2, timed
 from msa_megatron.ops.triton.rows import block_rows, key_pos, positions
 from msa_megatron.ops.triton.sparse_attn import attention_delta
@@ -30,8 +25,6 @@ from msa_megatron.ops.triton.sparse_attn import attention_delta
 LOG2E = 1.4426950408889634
 
 CONFIG = {"fwd_block": 128, "fwd_warps": 8, "fwd_stages": 2, "bwd_block": 64, "bwd_warps": 4, "bwd_stages": 2}
-
-DENSE_BACKENDS = ("cudnn", "flash")
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -236,95 +229,20 @@ def triton_backward(do, q, k, v, o, lse, dlse, cu_seqlens, softmax_scale, qpos=N
     return dq, dk, dv
 
 
-# --------------------------------------------------------------------------- library kernels (cuDNN, flash)
+# --------------------------------------------------------------------------- dispatch
 
 
-def _library_forward(name, q, k, v, cu, max_seqlen, scale):
-    """(o, lse [T, Hq] fp32, saved state for the backward) from cuDNN / flash varlen attention."""
-    if name == "cudnn":
-        out = torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu, cu, max_seqlen, max_seqlen, True, 0.0, True, False, scale=scale
-        )
-        o, lse_raw, seed, offset = out[0], out[1], out[6], out[7]
-        state = (lse_raw, seed, offset)
-    else:
-        o, lse_raw, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, True, False, scale=scale
-        )
-        state = (lse_raw, rng, unused)
-    return o, _lse_rows(lse_raw, q.shape[0], q.shape[1]), state
+def _triton_reference(q, k, v, do, cu, scale):
+    """Our kernels' (o, lse, (dq, dk, dv)): what a library candidate must agree with."""
+    o, lse = triton_forward(q, k, v, cu, scale)
+    return o, lse, triton_backward(do, q, k, v, o, lse, None, cu, scale)
 
 
-def _lse_rows(lse_raw, total, hq):
-    """The library's lse as [T, Hq]: cuDNN gives [T, Hq, 1], flash [Hq, T]."""
-    if lse_raw.shape == (total, hq, 1) or lse_raw.shape == (total, hq):
-        return lse_raw.view(total, hq)
-    if lse_raw.shape == (hq, total):
-        return lse_raw.t()
-    raise RuntimeError(f"unexpected lse layout {tuple(lse_raw.shape)} for T={total}, Hq={hq}")
-
-
-def _library_backward(name, do, q, k, v, o, state, cu, max_seqlen, scale):
-    if name == "cudnn":
-        lse_raw, seed, offset = state
-        return torch.ops.aten._cudnn_attention_backward(
-            do, q, k, v, o, lse_raw, seed, offset, None, cu, cu, max_seqlen, max_seqlen, 0.0, True, scale=scale
-        )
-    lse_raw, rng, unused = state
-    return torch.ops.aten._flash_attention_backward(
-        do, q, k, v, o, lse_raw, cu, cu, max_seqlen, max_seqlen, 0.0, True, rng, unused, scale=scale
-    )
-
-
-_CHOSEN = {}  # (device, dtype, Hq, Hkv, d) -> backend name
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if torch.isfinite(a).all() else float("inf")
-
-
-def _agrees(name, q, k) -> bool:
-    """Values and gradients of `name` against the Triton kernels on a small packed batch."""
-    dev = q.device
-    lengths = [37, 130, 301, 1]
-    gen = torch.Generator(device=dev).manual_seed(0)
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-    total = sum(lengths)
-    rnd = lambda *s: torch.randn(*s, device=dev, dtype=q.dtype, generator=gen)
-    qs, ks, vs, dos = rnd(total, hq, d), rnd(total, hkv, d), rnd(total, hkv, d), rnd(total, hq, d)
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
-    scale = d ** -0.5
-    o_t, lse_t = triton_forward(qs, ks, vs, cu, scale)
-    grads_t = triton_backward(dos, qs, ks, vs, o_t, lse_t, None, cu, scale)
-    o, lse, state = _library_forward(name, qs, ks, vs, cu, max(lengths), scale)
-    grads = _library_backward(name, dos, qs, ks, vs, o, state, cu, max(lengths), scale)
-    errs = [_rel(o, o_t), (lse.float() - lse_t).abs().max().item()] + [_rel(a, b) for a, b in zip(grads, grads_t)]
-    return errs[0] < 2e-2 and errs[1] < 1e-2 and all(e < 3e-2 for e in errs[2:])
-
-
-def dense_backend(q, k, qpos) -> str:
-    """The kernel family the dense attention of these tensors runs on (see the module docstring)."""
-    forced = os.environ.get("MSA_DENSE_BACKEND", "auto")
-    if forced not in ("auto", "triton") + DENSE_BACKENDS:
-        raise ValueError(f"MSA_DENSE_BACKEND={forced!r}: must be auto, triton, cudnn or flash")
-    if qpos is not None or interpreting() or q.device.type != "cuda" or forced == "triton":
+def dense_backend(q, k, cu_seqlens, max_seqlen, qpos=None) -> str:
+    """The kernel family the dense attention of this batch runs on (see the module docstring)."""
+    if qpos is not None or interpreting() or q.device.type != "cuda" or q.shape[0] == 0:
         return "triton"
-    if forced != "auto":
-        return forced
-    key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2])
-    if key not in _CHOSEN:
-        _CHOSEN[key] = "triton"
-        for name in DENSE_BACKENDS:
-            try:
-                if _agrees(name, q, k):
-                    _CHOSEN[key] = name
-                    break
-            except Exception as exc:  # noqa: BLE001 - a library build without this path
-                warnings.warn(f"dense attention: {name} unavailable here ({type(exc).__name__}: {str(exc)[:120]})")
-        if _CHOSEN[key] == "triton":
-            warnings.warn("dense attention: no library kernel agreed with the reference kernels; using Triton")
-    return _CHOSEN[key]
+    return dense_lib.choose(q, k, dense_lib.batch_kind(q, cu_seqlens, max_seqlen), _triton_reference)
 
 
 class DenseAttention(torch.autograd.Function):
@@ -332,15 +250,13 @@ class DenseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, softmax_scale, max_seqlen, qpos):
         ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the library backward serves
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        name = dense_backend(q, k, qpos)
+        name = dense_backend(q, k, cu_seqlens, max_seqlen, qpos)
         state = ()
-        if q.shape[0] == 0:
-            name = "triton"
         with timed(f"dense attention fwd ({name})"):
             if name == "triton":
                 o, lse = triton_forward(q, k, v, cu_seqlens, softmax_scale, qpos)
             else:
-                o, lse, state = _library_forward(name, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+                o, lse, state = dense_lib.forward(name, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, *([] if qpos is None else [qpos]), *state)
         ctx.meta = (name, softmax_scale, max_seqlen, qpos is not None, len(state))
         return o, lse
@@ -355,7 +271,7 @@ class DenseAttention(torch.autograd.Function):
         do = torch.zeros_like(o) if do is None else do.contiguous()
         if name != "triton" and dlse is None:
             with timed(f"dense attention bwd ({name})"):
-                dq, dk, dv = _library_backward(name, do, q, k, v, o, state, cu, max_seqlen, scale)
+                dq, dk, dv = dense_lib.backward(name, do, q, k, v, o, state, cu, max_seqlen, scale)
         else:
             with timed("dense attention bwd (triton)"):
                 dq, dk, dv = triton_backward(do, q, k, v, o, lse, dlse, cu, scale, qpos)

@@ -74,12 +74,16 @@ def _select_topk_kernel(
                  mask=row_ok[:, None] & (cols < NSEL)[None, :])
 
 
-def select_topk(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int, qpos=None):
-    """[G, Tq, k] int32 selection of the query rows qi (key rows given by qpos; None: qi rows = key rows)."""
+def select_topk(qi, ki, cu_seqlens, block_size: int, topk: int, qpos=None, rows=None):
+    """[G, Tq, k] int32 selection of the query rows qi (key rows given by qpos; None: qi rows = key rows).
+
+    `rows`: block_rows of this batch, when the caller has them already.
+    """
     total, groups, di = qi.shape
     qi = qi.contiguous()
     ki = ki.reshape(ki.shape[0], di).contiguous()
-    rows = block_rows(cu_seqlens.to(qi.device), ki.shape[0], block_size, qpos)
+    if rows is None:
+        rows = block_rows(cu_seqlens.to(qi.device), ki.shape[0], block_size, qpos)
     out = new_buffer((groups, total, topk), torch.int32, qi.device)
     if total == 0:
         return out

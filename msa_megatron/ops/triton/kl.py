@@ -27,11 +27,12 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Launch knobs (H200, Hq 64 / Hkv 4 / d 128). kl_rows = queries per step of the sparse kernel;
-# dense_block = keys per program and dense_rows = queries per step of the dense kernel; the dense
-# dqi-share workspace is bounded by dense_ws_mib (bf16 shares unless dense_ws_fp32).
+# dense_block = keys per program and dense_rows = queries per step of the dense kernel,
+# dense_query_rows its tile orientation; the dense dqi-share workspace is bounded by dense_ws_mib
+# (bf16 shares unless dense_ws_fp32). Device run 1 (H200, 32K): 64 rows / 8 warps / 3 stages best.
 CONFIG = {
     "kl_rows": 64, "kl_warps": 8, "kl_stages": 3,
-    "dense_block": 128, "dense_rows": 64, "dense_warps": 8, "dense_stages": 2,
+    "dense_block": 128, "dense_rows": 64, "dense_warps": 8, "dense_stages": 3, "dense_query_rows": False,
     "dense_ws_mib": 2048, "dense_ws_fp32": False,
 }
 
@@ -200,6 +201,55 @@ def _kl_dense_index_lse_kernel(
 
 
 @triton.jit
+def _kl_dense_step(
+    Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, ok, pos, g,
+    stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig,
+    qk_scale, iqk_scale,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
+):
+    """One (key block, query tile) step: (dki share [N, DI], dqi share [M, DI], KL terms [M], log2).
+
+    The teacher sums the r heads' probabilities in one tile; QUERY_ROWS picks its orientation
+    ([queries, keys]: Q_h is the streamed left operand; [keys, queries]: K is). Both are exact.
+    """
+    offs_d = tl.arange(0, D)
+    offs_i = tl.arange(0, DIP)
+    qt = qrow.to(tl.int64)
+    qmask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & (offs_i < DI)[None, :], other=0.0)
+    ilse = tl.load(ILSE + g.to(tl.int64) * stride_ig + qt, mask=ok, other=0.0) * 1.4426950408889634
+    if QUERY_ROWS:
+        p_t = tl.zeros([qrow.shape[0], key_tok.shape[0]], tl.float32)
+        for h in range(R):
+            head = g * R + h
+            qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+            lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
+            p_t += tl.exp2(tl.dot(qh, tl.trans(k)) * qk_scale - lse[:, None])
+        visible = (key_tok[None, :] <= pos[:, None]) & key_ok[None, :] & ok[:, None]
+        p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
+        s_idx = tl.dot(qi, tl.trans(ki)) * iqk_scale - ilse[:, None]  # log2 P_idx
+        p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
+        kl = tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 1)
+        ds = (p_idx - p_t).to(qi.dtype)
+        return tl.dot(tl.trans(ds), qi), tl.dot(ds, ki), kl
+    else:
+        p_t = tl.zeros([key_tok.shape[0], qrow.shape[0]], tl.float32)
+        for h in range(R):
+            head = g * R + h
+            qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+            lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
+            p_t += tl.exp2(tl.dot(k, tl.trans(qh)) * qk_scale - lse[None, :])
+        visible = (key_tok[:, None] <= pos[None, :]) & key_ok[:, None] & ok[None, :]
+        p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
+        s_idx = tl.dot(ki, tl.trans(qi)) * iqk_scale - ilse[None, :]  # log2 P_idx
+        p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
+        kl = tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 0)
+        ds = (p_idx - p_t).to(qi.dtype)
+        return tl.dot(ds, qi), tl.dot(tl.trans(ds), ki), kl
+
+
+@triton.jit
 def _kl_dense_kernel(
     Q, K, QI, KI, LSE, ILSE, QPOS, W, DKI_part, KL_part,
     row_order, row_key_start, row_doc_end, row_blk, row_q_lo, row_q_doc_end,
@@ -208,14 +258,13 @@ def _kl_dense_kernel(
     stride_lt, stride_ig, stride_wg, stride_wt, stride_wb, stride_dg, stride_dt,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_QPOS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_QPOS: tl.constexpr, QUERY_ROWS: tl.constexpr,
 ):
     """Pass 2, key-owner: one key block of group g against every later query row in [q0, q1).
 
-    The teacher of each (key, query) pair is computed once: the r heads' probabilities are summed
-    in a [keys, queries] tile, then the student, the KL terms and ds = P_idx - P_T follow. dki of
-    the block accumulates in registers; each query's dqi share of this block goes to
-    W[g, query - q0, block] for the fixed-order sum of pass 3.
+    The teacher of each (key, query) pair is computed once (_kl_dense_step), then the student, the
+    KL terms and ds = P_idx - P_T. dki of the block accumulates in registers; each query's dqi
+    share of this block goes to W[g, query - q0, block] for the fixed-order sum of pass 3.
     """
     r = tl.load(row_order + tl.program_id(0))
     g = tl.program_id(1)
@@ -229,12 +278,11 @@ def _kl_dense_kernel(
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         offs_i = tl.arange(0, DIP)
-        d_ok = offs_d < HEAD_DIM
         i_ok = offs_i < DI
         key_tok = key_start + offs_n
         key_ok = key_tok < doc_end
         kt = key_tok.to(tl.int64)
-        k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
         ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=key_ok[:, None] & i_ok[None, :], other=0.0)
         dki = tl.zeros([BLOCK_N, DIP], tl.float32)
         kl = tl.zeros([BLOCK_M], tl.float32)
@@ -242,25 +290,14 @@ def _kl_dense_kernel(
             qrow = m0 + offs_m
             ok = qrow < qb
             pos = key_pos(QPOS, qrow, ok, HAS_QPOS)
+            dki_share, dqi, kl_share = _kl_dense_step(
+                Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, ok, pos, g,
+                stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig, qk_scale, iqk_scale,
+                HEAD_DIM, D, DI, DIP, R, QUERY_ROWS,
+            )
+            dki += dki_share
+            kl += kl_share
             qt = qrow.to(tl.int64)
-            qmask = ok[:, None] & d_ok[None, :]
-            p_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for h in range(R):
-                head = g * R + h
-                qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
-                lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
-                p_t += tl.exp2(tl.dot(k, tl.trans(qh)) * qk_scale - lse[None, :])
-            visible = (key_tok[:, None] <= pos[None, :]) & key_ok[:, None] & ok[None, :]
-            p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
-            qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0)
-            ilse = tl.load(ILSE + g.to(tl.int64) * stride_ig + qt, mask=ok, other=0.0) * 1.4426950408889634
-            s_idx = tl.dot(ki, tl.trans(qi)) * iqk_scale - ilse[None, :]  # log2 P_idx
-            p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
-            # KL terms in log2 units: P_T (log2 P_T - log2 P_idx); P_T = 0 contributes nothing.
-            kl += tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 0)
-            ds = (p_idx - p_t).to(qi.dtype)
-            dki += tl.dot(ds, qi)
-            dqi = tl.dot(tl.trans(ds), ki)
             w = W + g.to(tl.int64) * stride_wg + (qt - q0)[:, None] * stride_wt + kb.to(tl.int64) * stride_wb + offs_i[None, :]
             tl.store(w, dqi.to(W.dtype.element_ty), mask=ok[:, None] & i_ok[None, :])
         d = DKI_part + g.to(tl.int64) * stride_dg + kt[:, None] * stride_dt + offs_i[None, :]
@@ -353,7 +390,8 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
                 lse.stride(0), ilse.stride(0), w.stride(0), w.stride(1), w.stride(2), dki_part.stride(0), dki_part.stride(1),
                 softmax_scale * LOG2E, index_scale * LOG2E,
                 HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_N=block, BLOCK_M=CONFIG["dense_rows"],
-                HAS_QPOS=qp is not None, num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"],
+                HAS_QPOS=qp is not None, QUERY_ROWS=CONFIG["dense_query_rows"],
+                num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"],
             )
         with timed("KL dense dqi sum"):
             _kl_dense_dqi_kernel[(triton.cdiv(q1 - q0, dq_rows), groups)](

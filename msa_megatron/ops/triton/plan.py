@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_megatron.ops.triton.common import timed
-from msa_megatron.ops.triton.rows import block_rows
+from msa_megatron.ops.triton.common import next_pow2, timed
+from msa_megatron.ops.triton.rows import block_rows, positions
 
 # Queries per program for each kernel family (any value works; these balance launch count and
 # padding). Keys are the names the kernels ask for.
@@ -99,39 +99,96 @@ def effective_chunk(chunk: int, total: int) -> int:
     return max(1, min(chunk, total)) if total else max(1, chunk)
 
 
-def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int] = None, qpos=None) -> SparsePlan:
+@triton.jit
+def _plan_keys_kernel(
+    TopK, TokRowBase, SegKey, Counts,
+    total, chunk, groups, n_rows, n_seg, stride_tg, stride_tt,
+    K: tl.constexpr, KP: tl.constexpr, B: tl.constexpr,
+):
+    """Segment key (chunk, group, row) of every (group, query row, slot); counts per segment."""
+    g = tl.program_id(1)
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    slots = tl.arange(0, KP)
+    ok = (i < total)[:, None] & (slots < K)[None, :]
+    sel = tl.load(TopK + g.to(tl.int64) * stride_tg + i.to(tl.int64)[:, None] * stride_tt + slots[None, :], mask=ok, other=-1)
+    base = tl.load(TokRowBase + i, mask=i < total, other=0)
+    key = (((i // chunk) * groups + g) * n_rows + base)[:, None] + sel
+    valid = ok & (sel >= 0)
+    key = tl.where(valid, key, n_seg)  # invalid slots sort last
+    flat = (g.to(tl.int64) * total + i)[:, None] * K + slots[None, :]
+    tl.store(SegKey + flat, key, mask=ok)
+    tl.atomic_add(Counts + key, tl.full(key.shape, 1, tl.int32), mask=valid)  # integer counts: order-free
+
+
+@triton.jit
+def _plan_entries_kernel(Perm, Tok, Slot, n, total, K: tl.constexpr, B: tl.constexpr):
+    e = tl.program_id(0) * B + tl.arange(0, B)
+    ok = e < n
+    flat = tl.load(Perm + e, mask=ok, other=0)
+    tl.store(Tok + e, ((flat // K) % total).to(tl.int32), mask=ok)
+    tl.store(Slot + e, (flat % K).to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _plan_tiles_kernel(Counts, SegStart, First, Tiles, n_seg, groups, n_rows, Q: tl.constexpr, B: tl.constexpr):
+    """Cut each segment into tiles of <= Q entries at its slots First[seg] ... (unused slots stay 0)."""
+    seg = tl.program_id(0) * B + tl.arange(0, B)
+    ok = seg < n_seg
+    cnt = tl.load(Counts + seg, mask=ok, other=0)
+    n_t = (cnt + Q - 1) // Q
+    first = tl.load(First + seg, mask=ok, other=0)
+    e0 = tl.load(SegStart + seg, mask=ok, other=0)
+    g = (seg // n_rows) % groups
+    row = seg % n_rows
+    for j in range(0, tl.max(n_t, 0)):
+        m = ok & (j < n_t)
+        t = (first + j).to(tl.int64) * 4
+        tl.store(Tiles + t, g, mask=m)
+        tl.store(Tiles + t + 1, row, mask=m)
+        tl.store(Tiles + t + 2, (e0 + j * Q).to(tl.int32), mask=m)
+        tl.store(Tiles + t + 3, tl.minimum(cnt - j * Q, Q), mask=m)
+
+
+def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int] = None, qpos=None, rows=None) -> SparsePlan:
+    """The plan of a selection (a handful of launches, no host sync). `rows`: block_rows, if known."""
     groups, total, k = topk.shape
     dev = topk.device
     n_keys = total if n_keys is None else int(n_keys)
-    cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-    rows = block_rows(cu, n_keys, block_size, qpos)
+    cu = cu_seqlens.to(device=dev, dtype=torch.int32)
+    qp = positions(qpos, dev)
+    rows = block_rows(cu, n_keys, block_size, qp) if rows is None else rows
     n_rows = rows.n
-    lengths = cu[1:] - cu[:-1]
-    doc_row_base = torch.cumsum((lengths + block_size - 1) // block_size, 0) - (lengths + block_size - 1) // block_size
-
-    qrow = torch.arange(total, device=dev)
-    pos = qrow if qpos is None else qpos.to(device=dev, dtype=torch.int64)
-    tok_row_base = doc_row_base[torch.searchsorted(cu[1:], pos, right=True)]  # [Tq]
-
     chunk = effective_chunk(chunk, total)
     n_chunks = max(1, -(-total // chunk))
     n_seg = n_chunks * groups * n_rows
-    sel = topk.to(torch.int32)
-    valid = sel >= 0
-    g_idx = torch.arange(groups, device=dev, dtype=torch.int32).view(groups, 1, 1)
-    chunk_idx = (qrow // chunk).to(torch.int32).view(1, total, 1)
-    seg_key = (chunk_idx * groups + g_idx) * n_rows + tok_row_base.to(torch.int32).view(1, total, 1) + sel
-    seg_key = torch.where(valid, seg_key, n_seg).reshape(-1)  # invalid slots sort last
-    perm = torch.sort(seg_key, stable=True).indices
-    counts = torch.zeros(n_seg + 1, dtype=torch.int64, device=dev)
-    counts.index_add_(0, seg_key.to(torch.int64), torch.ones_like(seg_key, dtype=torch.int64))
-    counts = counts[:n_seg]
-    seg_start = torch.cumsum(counts, 0) - counts
 
+    # The row number of block 0 of each query's document.
+    lengths = cu[1:] - cu[:-1]
+    nblk = (lengths + block_size - 1) // block_size
+    doc_row_base = torch.cumsum(nblk, 0, dtype=torch.int32) - nblk
+    pos = torch.arange(total, device=dev, dtype=torch.int32) if qp is None else qp
+    tok_row_base = doc_row_base[torch.searchsorted(cu[1:], pos, right=True)].to(torch.int32).contiguous()
+
+    sel = topk if topk.dtype == torch.int32 else topk.to(torch.int32)
+    seg_key = torch.empty(groups * total * k, dtype=torch.int32, device=dev)
+    counts = torch.zeros(n_seg + 1, dtype=torch.int32, device=dev)
+    if total:
+        _plan_keys_kernel[(triton.cdiv(total, 64), groups)](
+            sel, tok_row_base, seg_key, counts, total, chunk, groups, n_rows, n_seg, sel.stride(0), sel.stride(1),
+            K=k, KP=next_pow2(k), B=64, num_warps=4,
+        )
+    perm = torch.sort(seg_key, stable=True).indices
+    counts = counts[:n_seg]
+    seg_start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    entry_tok = torch.empty(seg_key.numel(), dtype=torch.int32, device=dev)
+    entry_slot = torch.empty_like(entry_tok)
+    if seg_key.numel():
+        _plan_entries_kernel[(triton.cdiv(seg_key.numel(), 1024),)](
+            perm, entry_tok, entry_slot, seg_key.numel(), max(total, 1), K=k, B=1024, num_warps=4,
+        )
     plan = SparsePlan(
         groups, total, n_keys, k, block_size, chunk, n_chunks, n_rows, rows.key_start, rows.doc_end,
-        entry_tok=((perm // k) % max(total, 1)).to(torch.int32), entry_slot=(perm % k).to(torch.int32),
-        qpos=None if qpos is None else qpos.to(device=dev, dtype=torch.int32).contiguous(),
+        entry_tok=entry_tok, entry_slot=entry_slot, qpos=qp,
         _qpos_src=None if qpos is None else qpos.data_ptr(), cu_seqlens=cu_seqlens,
     )
     entries_per_chunk = groups * min(chunk, max(total, 1)) * k
@@ -147,25 +204,18 @@ def _cut_tiles(counts, seg_start, q, cap, n_chunks, groups, n_rows) -> Tiles:
     dev = counts.device
     per_chunk = groups * n_rows
     n_t = (counts + q - 1) // q  # tiles per segment
-    local_end = torch.cumsum(n_t.view(n_chunks, per_chunk), 1)  # [C, S] inclusive, within the chunk
-    local_first = local_end - n_t.view(n_chunks, per_chunk)
-    slot = torch.arange(cap, device=dev).view(1, cap).expand(n_chunks, cap).contiguous()
-    seg_local = torch.searchsorted(local_end, slot, right=True)  # [C, cap]; per_chunk: unused slot
-    used = seg_local < per_chunk
-    seg_local = seg_local.clamp_(max=per_chunk - 1)
-    seg = seg_local + torch.arange(n_chunks, device=dev).view(n_chunks, 1) * per_chunk
-    j = slot - local_first.gather(1, seg_local)
-    e0 = seg_start[seg] + j * q
-    cnt = torch.where(used, torch.clamp(counts[seg] - j * q, max=q), 0)
-    g = torch.where(used, (seg // n_rows) % groups, 0)
-    row = torch.where(used, seg % n_rows, 0)
-    tiles = torch.stack([g, row, torch.where(used, e0, 0), cnt], -1).reshape(-1, 4).to(torch.int32).contiguous()
-    chunk_base = (torch.arange(n_chunks, device=dev) * cap).view(n_chunks, 1)
-    first = (local_first + chunk_base).reshape(-1)
-    return Tiles(q, cap, tiles, first.to(torch.int32), n_t.to(torch.int32))
+    in_chunk = n_t.view(n_chunks, per_chunk)
+    base = torch.arange(0, n_chunks * cap, cap, device=dev, dtype=torch.int32).view(n_chunks, 1)
+    first = (torch.cumsum(in_chunk, 1, dtype=torch.int32) - in_chunk + base).reshape(-1)
+    tiles = torch.zeros((n_chunks * cap, 4), dtype=torch.int32, device=dev)
+    n_seg = counts.numel()
+    if n_seg:
+        _plan_tiles_kernel[(triton.cdiv(n_seg, 256),)](counts, seg_start, first, tiles, n_seg, groups, n_rows,
+                                                      Q=q, B=256, num_warps=4)
+    return Tiles(q, cap, tiles, first, n_t)
 
 
-def get_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int] = None, qpos=None) -> SparsePlan:
+def get_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int] = None, qpos=None, rows=None) -> SparsePlan:
     """The plan attached to this topk tensor by select_blocks, or a fresh one (then attached).
 
     The plan rides on the tensor object (attribute `_msa_plan`), so the selection returned by
@@ -184,7 +234,7 @@ def get_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int
         ):
             return plan
     with timed("plan build"):
-        plan = build_plan(topk, cu_seqlens, block_size, chunk, n_keys, qpos)
+        plan = build_plan(topk, cu_seqlens, block_size, chunk, n_keys, qpos, rows)
     try:
         topk._msa_plan = (topk._version, plan)
     except (AttributeError, RuntimeError):

@@ -40,30 +40,72 @@ class BlockRows:
         return torch.argsort(self.q_doc_end - self.q_lo, descending=True, stable=True).to(torch.int32)
 
 
-def block_rows(cu_seqlens: torch.Tensor, n_keys: int, block: int, qpos: Optional[torch.Tensor] = None) -> BlockRows:
-    dev = cu_seqlens.device
-    cu = cu_seqlens.to(torch.int64)
-    n_docs = cu.numel() - 1
-    nblk = (cu[1:] - cu[:-1] + block - 1) // block
-    row_end = torch.cumsum(nblk, 0)
-    n_rows = n_keys // block + n_docs
-    rows = torch.arange(n_rows, device=dev)
-    row_doc = torch.searchsorted(row_end, rows, right=True).clamp_(max=max(n_docs - 1, 0))
-    blk = rows - (row_end - nblk)[row_doc]
-    start = (cu[row_doc] + blk * block).clamp_(max=n_keys)
-    end = cu[row_doc + 1]
-    empty = start >= end
-    blk = torch.where(empty, 0, blk)
-    block_end = torch.minimum(start + block, end)
-    if qpos is None:
-        q_lo, q_hi, q_doc_end = start, torch.where(empty, start, block_end), end
+@triton.jit
+def _count_below(A, n, x, RIGHT: tl.constexpr):
+    """Per element of x: how many of the sorted A[0:n] are < x (<= x when RIGHT); binary search."""
+    lo = tl.zeros(x.shape, tl.int32)
+    hi = tl.zeros(x.shape, tl.int32) + n
+    for _ in range(32):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(A + mid, mask=active & (mid < n), other=0)
+        if RIGHT:
+            go = v <= x
+        else:
+            go = v < x
+        lo = tl.where(active & go, mid + 1, lo)
+        hi = tl.where(active & ~go, mid, hi)
+    return lo
+
+
+@triton.jit
+def _block_rows_kernel(
+    CU, ROW_END, QPOS, KeyStart, DocEnd, Blk, QLo, QHi, QDocEnd,
+    n_docs, n_rows, n_keys, n_q,
+    BLOCK_SIZE: tl.constexpr, HAS_QPOS: tl.constexpr, B: tl.constexpr,
+):
+    r = tl.program_id(0) * B + tl.arange(0, B)
+    ok = r < n_rows
+    doc = tl.minimum(_count_below(ROW_END, n_docs, r, True), n_docs - 1)
+    row_base = tl.where(doc > 0, tl.load(ROW_END + doc - 1, mask=ok & (doc > 0), other=0), 0)
+    blk = r - row_base
+    doc_start = tl.load(CU + doc, mask=ok, other=0)
+    doc_end = tl.load(CU + doc + 1, mask=ok, other=0)
+    start = tl.minimum(doc_start + blk * BLOCK_SIZE, n_keys)
+    empty = start >= doc_end
+    block_end = tl.minimum(start + BLOCK_SIZE, doc_end)
+    if HAS_QPOS:
+        q_lo = _count_below(QPOS, n_q, start, False)
+        q_hi = tl.where(empty, q_lo, _count_below(QPOS, n_q, block_end, False))
+        q_doc_end = _count_below(QPOS, n_q, doc_end, False)
     else:
-        pos = qpos.to(device=dev, dtype=torch.int64)
-        q_lo = torch.searchsorted(pos, start)
-        q_hi = torch.where(empty, q_lo, torch.searchsorted(pos, block_end))
-        q_doc_end = torch.searchsorted(pos, end)
-    i32 = lambda t: t.to(torch.int32).contiguous()
-    return BlockRows(i32(start), i32(end), i32(blk), i32(q_lo), i32(q_hi), i32(q_doc_end), n_rows)
+        q_lo = start
+        q_hi = tl.where(empty, start, block_end)
+        q_doc_end = doc_end
+    tl.store(KeyStart + r, start, mask=ok)
+    tl.store(DocEnd + r, doc_end, mask=ok)
+    tl.store(Blk + r, tl.where(empty, 0, blk), mask=ok)
+    tl.store(QLo + r, q_lo, mask=ok)
+    tl.store(QHi + r, q_hi, mask=ok)
+    tl.store(QDocEnd + r, q_doc_end, mask=ok)
+
+
+def block_rows(cu_seqlens: torch.Tensor, n_keys: int, block: int, qpos: Optional[torch.Tensor] = None) -> BlockRows:
+    """The rows of a packed batch (one small kernel; no host sync)."""
+    dev = cu_seqlens.device
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    n_docs = cu.numel() - 1
+    row_end = torch.cumsum((cu[1:] - cu[:-1] + block - 1) // block, 0, dtype=torch.int32)
+    n_rows = n_keys // block + n_docs
+    out = torch.empty((6, n_rows), dtype=torch.int32, device=dev)
+    qp = positions(qpos, dev)
+    if n_rows:
+        _block_rows_kernel[(triton.cdiv(n_rows, 256),)](
+            cu, row_end, qp if qp is not None else cu, *out,
+            n_docs, n_rows, n_keys, 0 if qp is None else qp.numel(),
+            BLOCK_SIZE=block, HAS_QPOS=qp is not None, B=256, num_warps=4,
+        )
+    return BlockRows(*out, n_rows)
 
 
 def positions(qpos: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
