@@ -104,6 +104,8 @@ def main():
         for kind in kinds:
             results["rows"] += run_case(n, kind, args, tri, report)
             save()
+    results["resources"] = kernel_resources(lambda s: None)  # registers / spills of what ran
+    save()
     md = markdown(results)
     if args.md:
         open(args.md, "w").write(md)
