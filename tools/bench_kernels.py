@@ -42,6 +42,7 @@ def parse_args():
     ap.add_argument("--flash-max", type=int, default=32768)
     ap.add_argument("--triton-dense-max", type=int, default=32768, help="largest context for the Triton dense baseline")
     ap.add_argument("--recall-queries", type=int, default=1024)
+    ap.add_argument("--warmup-only", action="store_true", help="time only the dense warm-up layer and cuDNN dense")
     ap.add_argument("--tune", action="store_true", help="time launch-config variants at the first context")
     ap.add_argument("--autotune", type=int, default=0,
                     help="before the benchmark, time variants at this context and keep the fastest")

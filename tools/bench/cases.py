@@ -11,7 +11,7 @@ def run_case(n, kind, args, tri, report):
     from torch.nn.attention import SDPBackend
 
     from msa_megatron import ops
-    from msa_megatron.ops.triton import common, dense_attn, dense_lib, indexer, kl as klmod, plan as planmod, sparse_attn
+    from msa_megatron.ops.triton import common, dense_attn, indexer, kl as klmod, plan as planmod, sparse_attn
     from msa_megatron.ops.triton.common import query_chunk
 
     lengths = [n] if kind == "single" else mixed_lengths(n, seed=n)
@@ -35,6 +35,10 @@ def run_case(n, kind, args, tri, report):
         except Exception as exc:  # noqa: BLE001 - one failing baseline must not stop the run
             report(f"  {label} failed: {exc!r}"[:400])
         torch.cuda.empty_cache()
+
+    if args.warmup_only:
+        run_warmup(n, kind, x, shape, f, rec, tri)
+        return rows
 
     # Indexer (+ top-k), the plan and the index lse.
     sel = indexer.select_topk(qi, ki, cu, BK, TOPK)
@@ -71,17 +75,6 @@ def run_case(n, kind, args, tri, report):
         kl_ = tri.indexer_kl(qg, kg, l_, qig, kig, il_, s_, cu, shape)
         torch.autograd.backward([o_, kl_], [do, one])
 
-    def warmup_layer():
-        clear()
-        o_, l_ = tri.dense_attention(qg, kg, vg, cu, shape)
-        kl_ = tri.indexer_kl(qg, kg, l_, qig, kig, None, None, cu, shape)
-        torch.autograd.backward([o_, kl_], [do, one])
-
-    def dense_layer():
-        clear()
-        o_, _ = tri.dense_attention(qg, kg, vg, cu, shape)
-        o_.backward(do)
-
     inputs = sum(t.numel() * t.element_size() for t in (q, k, v, qi, ki, do)) / 2**30
     layer_flops = f["index"] + f["fwd"] + f["bwd"] + f["kl"]
     gib = peak_gib(msa_layer)
@@ -90,27 +83,9 @@ def run_case(n, kind, args, tri, report):
     report(f"  {n:>6} {kind:<6} MSA layer breakdown (ms): " + ", ".join(f"{key} {val:.2f}" for key, val in breakdown.items()))
     rec("MSA layer fwd+bwd", ms, layer_flops, layer_gib=round(gib + inputs, 2), host_syncs=host_syncs(msa_layer),
         breakdown={key: round(val, 3) for key, val in breakdown.items()})
-    torch.cuda.empty_cache()
-
-    # Dense warm-up: the library dense attention (also attention=gqa) + the dense KL.
-    def timed_warmup():
-        backend = dense_attn.dense_backend(q, k, cu, shape.max_seqlen)
-        report(f"  {n:>6} {kind:<6} dense attention runs on {backend}; library probes: {dense_lib.PROBES}")
-        _, dlse = dense_attn.DenseAttention.apply(q, k, v, cu, scale, shape.max_seqlen, None)
-        rec("KL dense warm-up", bench(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, shape.index_scale, 4), **slow),
-            f["dense_kl"])
-        del dlse
-        rec(f"dense attention fwd+bwd (ours: {backend})", bench(dense_layer, **slow), f["dense_fwd"] + f["dense_bwd"],
-            layer_gib=round(peak_gib(dense_layer) + inputs, 2))
-        gib = peak_gib(warmup_layer)
-        ms = bench(warmup_layer, **slow)
-        breakdown = common.profile(warmup_layer)
-        rec("dense warm-up layer fwd+bwd", ms, f["dense_fwd"] + f["dense_bwd"] + f["dense_kl"], layer_gib=round(gib + inputs, 2),
-            host_syncs=host_syncs(warmup_layer), breakdown={key: round(val, 3) for key, val in breakdown.items()})
-
-    attempt("dense warm-up", timed_warmup)
     del qg, kg, vg, qig, kig
     torch.cuda.empty_cache()
+    run_warmup(n, kind, x, shape, f, rec, tri, cudnn_baseline=False)
 
     if kind == "single":
         sel_l, _ = tri.select_blocks(qi, ki, cu, shape)
@@ -154,3 +129,90 @@ def run_case(n, kind, args, tri, report):
     del x, q, k, v, qi, ki, do, sel, plan
     torch.cuda.empty_cache()
     return rows
+
+
+def run_warmup(n, kind, x, shape, f, rec, tri, cudnn_baseline=True):
+    """The dense warm-up: our dense attention (also attention=gqa), the dense KL, the whole layer.
+
+    With cudnn_baseline, also the cuDNN SDPA baseline (for --warmup-only runs).
+    """
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from msa_megatron.ops.triton import common, dense_attn, dense_lib, kl as klmod
+
+    q, k, v, qi, ki, cu, do = x["q"], x["k"], x["v"], x["qi"], x["ki"], x["cu"], x["do"]
+    scale = shape.softmax_scale
+    slow = slow_reps(n)
+    report = print
+    qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+    one = torch.ones((), device=q.device)
+    inputs = sum(t.numel() * t.element_size() for t in (q, k, v, qi, ki, do)) / 2**30
+
+    def clear():
+        for t in (qg, kg, vg, qig, kig):
+            t.grad = None
+
+    def warmup_layer():
+        clear()
+        o_, l_ = tri.dense_attention(qg, kg, vg, cu, shape)
+        kl_ = tri.indexer_kl(qg, kg, l_, qig, kig, None, None, cu, shape)
+        torch.autograd.backward([o_, kl_], [do, one])
+
+    def dense_layer():
+        clear()
+        o_, _ = tri.dense_attention(qg, kg, vg, cu, shape)
+        o_.backward(do)
+
+    def timed_warmup():
+        backend = dense_attn.dense_backend(q, k, cu, shape.max_seqlen)
+        report(f"  {n:>6} {kind:<6} dense attention runs on {backend}; library probes: {dense_lib.PROBES}")
+        _, dlse = dense_attn.DenseAttention.apply(q, k, v, cu, scale, shape.max_seqlen, None)
+        rec("KL dense warm-up", bench(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, shape.index_scale, 4), **slow),
+            f["dense_kl"])
+        del dlse
+        rec(f"dense attention fwd+bwd (ours: {backend})", bench(dense_layer, **slow), f["dense_fwd"] + f["dense_bwd"],
+            layer_gib=round(peak_gib(dense_layer) + inputs, 2))
+        gib = peak_gib(warmup_layer)
+        ms = bench(warmup_layer, **slow)
+        breakdown = common.profile(warmup_layer)
+        rec("dense warm-up layer fwd+bwd", ms, f["dense_fwd"] + f["dense_bwd"] + f["dense_kl"], layer_gib=round(gib + inputs, 2),
+            host_syncs=host_syncs(warmup_layer), breakdown={key: round(val, 3) for key, val in breakdown.items()})
+
+    if cudnn_baseline:  # a --warmup-only run: check the dense KL against the reference first
+        check_dense_kl(tri, report)
+    try:
+        timed_warmup()
+    except Exception as exc:  # noqa: BLE001 - report and go on with the other cases
+        report(f"  dense warm-up failed: {exc!r}"[:400])
+    del qg, kg, vg, qig, kig
+    torch.cuda.empty_cache()
+    if cudnn_baseline:
+        run = Sdpa(x, SDPBackend.CUDNN_ATTENTION)
+        rec("cudnn SDPA dense fwd+bwd", bench(lambda: run(True, scale), **slow), f["dense_fwd"] + f["dense_bwd"],
+            layer_gib=round(peak_gib(lambda: run(True, scale)) + (2 * q.numel() + 2 * k.numel()) * 2 / 2**30, 2))
+
+
+
+def check_dense_kl(tri, report, n=2048):
+    """Dense KL value and index gradients at n tokens (two documents) against the float64 reference."""
+    import torch
+
+    from msa_megatron.ops import reference as ref
+
+    lengths = [n // 4, n - n // 4]
+    x = make_inputs(lengths, seed=5)
+    shape = shape_of(lengths)
+    q, k, v, qi, ki, cu = x["q"], x["k"], x["v"], x["qi"], x["ki"], x["cu"]
+    _, lse = tri.dense_attention(q, k, v, cu, shape)
+    qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+    kl = tri.indexer_kl(q, k, lse, qig, kig, None, None, cu, shape)
+    kl.backward()
+    args = (q.double(), k.double(), qi.double(), ki.double(), cu, None, BK)
+    want = ref.indexer_kl(*args)
+    dqi, dki = ref.indexer_kl_grads(*args)
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    errs = dict(kl=abs(kl.item() - want.item()) / abs(want.item()), dqi=rel(qig.grad, dqi), dki=rel(kig.grad, dki))
+    report(f"  dense KL check at {n}: {errs} -> {'OK' if max(errs.values()) < 1e-2 else 'FAIL'}")
+    torch.cuda.empty_cache()

@@ -25,14 +25,16 @@ from msa_megatron.ops.triton.sparse_attn import _block_ws_sum_kernel, slot_sum
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index scores only)
 
 # Launch knobs (H200, Hq 64 / Hkv 4 / d 128). kl_rows = queries per step of the sparse kernel;
 # dense_block = keys per program and dense_rows = queries per step of the dense kernel,
 # dense_query_rows its tile orientation; the dense dqi-share workspace is bounded by dense_ws_mib
-# (bf16 shares unless dense_ws_fp32). Device run 1 (H200, 32K): 64 rows / 8 warps / 3 stages best.
+# (bf16 shares unless dense_ws_fp32). Dense values: the fastest of 8 variants at 32K on an H200
+# (docs/kernel_notes.md, round 2), 234 TF/s; every variant spills registers.
 CONFIG = {
     "kl_rows": 64, "kl_warps": 8, "kl_stages": 3,
-    "dense_block": 128, "dense_rows": 64, "dense_warps": 8, "dense_stages": 3, "dense_query_rows": False,
+    "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
     "dense_ws_mib": 2048, "dense_ws_fp32": False,
 }
 
@@ -364,10 +366,11 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
     ilse = new_buffer((groups, total), torch.float32, dev)
     qp_arg = qp if qp is not None else ilse
     with timed("KL dense index lse"):
-        _kl_dense_index_lse_kernel[(groups, rows.n)](
-            qi, ki2, ilse, qp_arg, rows.longest_first(), rows.key_start, rows.blk, rows.q_lo, rows.q_hi,
+        lse_rows = block_rows(cu, n_keys, ILSE_BLOCK, qpos)
+        _kl_dense_index_lse_kernel[(groups, lse_rows.n)](
+            qi, ki2, ilse, qp_arg, lse_rows.longest_first(), lse_rows.key_start, lse_rows.blk, lse_rows.q_lo, lse_rows.q_hi,
             qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0), index_scale * LOG2E,
-            DI=di, DIP=DIP, BLOCK=block, HAS_QPOS=qp is not None, num_warps=4, num_stages=2,
+            DI=di, DIP=DIP, BLOCK=ILSE_BLOCK, HAS_QPOS=qp is not None, num_warps=8, num_stages=2,
         )
     # Each query's block inside its document (pass 3 sums blocks 0..L).
     pos = torch.arange(total, device=dev) if qp is None else qp.to(torch.int64)
@@ -376,7 +379,9 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
     n_blocks = -(-n_keys // block)
     ws_dtype = torch.float32 if CONFIG["dense_ws_fp32"] else qi.dtype
     chunk = _dense_query_chunk(total, groups, n_blocks, di, torch.finfo(ws_dtype).bits // 8)
-    w = new_buffer((groups, chunk, n_blocks, di), ws_dtype, dev)
+    # Shares block-major ([G, block, query, di]): a key block's program writes, and pass 3 reads,
+    # consecutive queries' rows contiguously.
+    w = new_buffer((groups, n_blocks, chunk, di), ws_dtype, dev)
     order = rows.most_queries_first()
     dq_rows = 64
     for q0 in range(0, total, chunk):
@@ -387,7 +392,7 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
                 order, rows.key_start, rows.doc_end, rows.blk, rows.q_lo, rows.q_doc_end,
                 q0, q1, rows.n,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-                lse.stride(0), ilse.stride(0), w.stride(0), w.stride(1), w.stride(2), dki_part.stride(0), dki_part.stride(1),
+                lse.stride(0), ilse.stride(0), w.stride(0), w.stride(2), w.stride(1), dki_part.stride(0), dki_part.stride(1),
                 softmax_scale * LOG2E, index_scale * LOG2E,
                 HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_N=block, BLOCK_M=CONFIG["dense_rows"],
                 HAS_QPOS=qp is not None, QUERY_ROWS=CONFIG["dense_query_rows"],
@@ -396,7 +401,7 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
         with timed("KL dense dqi sum"):
             _kl_dense_dqi_kernel[(triton.cdiv(q1 - q0, dq_rows), groups)](
                 w, dqi, qblk, q0, q1, grad_scale,
-                w.stride(0), w.stride(1), w.stride(2), dqi.stride(0), dqi.stride(1),
+                w.stride(0), w.stride(2), w.stride(1), dqi.stride(0), dqi.stride(1),
                 DI=di, DIP=DIP, ROWS=dq_rows, num_warps=4,
             )
     value = kl_part.sum() / (n_keys * total_groups)
