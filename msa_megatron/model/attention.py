@@ -34,7 +34,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from msa_megatron import ops
 from msa_megatron.model.kl_loss import KLLossAutoScaler, LayerKLStats
 from msa_megatron.model.packed import token_positions
-from msa_megatron.ops import reference
 from msa_megatron.parallel import replicas
 from msa_megatron.parallel.context import gather_keys
 
@@ -230,7 +229,7 @@ class MSACoreAttention(PackedCoreAttention):
 
         teacher_q, teacher_lse = self._group_heads(q.detach()), self._group_heads(lse.detach())
         if self.measure_recall:
-            recall = reference.selection_recall(teacher_q, k.detach(), topk, cu, shape.block_size, shape.softmax_scale, qpos=qpos)
+            recall = ops.selection_recall(teacher_q, k.detach(), topk, cu, shape, backend, self.msa.recall_queries, qpos=qpos)
             self.stats.record_recall(*recall)
         kl = ops.indexer_kl(
             teacher_q, k.detach(), teacher_lse, qi, ki, index_lse if self.sparse else None, topk if self.sparse else None,
