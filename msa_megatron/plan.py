@@ -37,7 +37,11 @@ from msa_megatron.config import ConfigError, RunConfig, is_moe_layer, is_msa_lay
 GIB = 2**30
 CONTEXTS = (32768, 131072, 1048576)  # FLOPs are also reported at these contexts
 DEFAULT_RECOMPUTE_MODULES = ("core_attn",)  # megatron-core's default for selective recompute
-SPARSE_QUERY_CHUNK = 16384  # queries per pass of the sparse kernels (ops/triton/common.query_chunk)
+
+
+def sparse_query_chunk(queries: int) -> int:
+    """Queries per pass of the sparse kernels (ops/triton/common.query_chunk): 8192 up to 32K."""
+    return min(queries, 8192 if queries <= 32768 else 16384)
 
 
 # ------------------------------------------------------------------------------------- layout
@@ -281,6 +285,8 @@ def layer_activations(cfg: RunConfig, lay: Layout, layer: int, sparse: bool, dev
             out["index_branch"] += t * (groups_l + 1) * di * b
     else:
         out["attention"] += 2 * tk * groups_l * d * b + t * heads_l * 4  # k, v (all key rows), lse
+        if not (sparse and msa) and device == "cuda":
+            out["attention"] += t * heads_l * 4  # the library kernel's own lse (cuDNN / flash)
         if msa:
             out["msa_kl_state"] += (t * groups_l + tk) * di * 4  # the fused KL's index gradients (fp32)
             if sparse:
@@ -321,8 +327,7 @@ def _layer_transient(cfg: RunConfig, lay: Layout, layer: int, sparse: bool) -> i
     # kernels the per-slot partials of a query chunk
     attention = t * heads_l * d * b + tk * groups_l * d * (8 + 2 * b)
     if sparse and is_msa_layer(cfg, layer):
-        chunk = min(SPARSE_QUERY_CHUNK, t)
-        attention += a.topk_blocks * chunk * heads_l * (d * b + 4)
+        attention += a.topk_blocks * sparse_query_chunk(t) * heads_l * (d * b + 4)
     moe = 0
     if is_moe_layer(cfg, layer):
         routed = tok.seq_shard * m.moe_router_topk * lay.etp
