@@ -285,8 +285,8 @@ def layer_activations(cfg: RunConfig, lay: Layout, layer: int, sparse: bool, dev
             out["index_branch"] += t * (groups_l + 1) * di * b
     else:
         out["attention"] += 2 * tk * groups_l * d * b + t * heads_l * 4  # k, v (all key rows), lse
-        if not (sparse and msa) and device == "cuda":
-            out["attention"] += t * heads_l * 4  # the library kernel's own lse (cuDNN / flash)
+        if not (sparse and msa) and device == "cuda" and lay.cp == 1:
+            out["attention"] += t * heads_l * 4  # the library kernel's own lse (cuDNN / flash; CP runs Triton)
         if msa:
             out["msa_kl_state"] += (t * groups_l + tk) * di * 4  # the fused KL's index gradients (fp32)
             if sparse:

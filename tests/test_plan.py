@@ -222,7 +222,7 @@ def test_109b_recipes_use_256_gpus_and_their_slurm_script():
 
 
 def test_a_layout_that_does_not_fit_stops_with_one_line(tmp_path):
-    proc = dry_run("recipe=msa109b_pt", "parallel.tensor_model_parallel_size=4", cwd=tmp_path)
+    proc = dry_run("recipe=msa109b_pt", "parallel.context_parallel_size=1", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -255,9 +255,9 @@ def test_readme_shows_the_dry_run_as_it_prints():
     assert shown.strip() == proc.stdout.strip()
     submit = json.loads(proc.stdout.strip().splitlines()[-1])["submit"]
     assert submit + " data=<your data preset>" in section
-    command = "python train.py recipe=msa109b_pt dry_run=true parallel.tensor_model_parallel_size=4"
+    command = "python train.py recipe=msa109b_pt dry_run=true parallel.context_parallel_size=1"
     shown = section.split(f"$ {command} > /dev/null\n", 1)[1].split("\n", 1)[0]
-    proc = dry_run("recipe=msa109b_pt", "parallel.tensor_model_parallel_size=4")
+    proc = dry_run("recipe=msa109b_pt", "parallel.context_parallel_size=1")
     assert proc.returncode == 2 and shown == proc.stderr.strip()
     for recipe in ("msa109b_pt_128k", "msa109b_cpt"):  # the other submission lines, as their dry runs print them
         submit = json.loads(dry_run(f"recipe={recipe}").stdout.strip().splitlines()[-1])["submit"]
