@@ -247,7 +247,7 @@ def test_readme_shows_the_dry_run_as_it_prints():
     """README "Train the 109B model": the command, its output (report and JSON line) as printed."""
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme.split("## Train the 109B model", 1)[1].split("\n## ", 1)[0]
-    command = "python train.py recipe=msa109b_pt dry_run=true"
+    command = ".venv/bin/python train.py recipe=msa109b_pt dry_run=true"
     assert f"$ {command}" in section
     shown = section.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
     proc = dry_run("recipe=msa109b_pt")
@@ -255,7 +255,7 @@ def test_readme_shows_the_dry_run_as_it_prints():
     assert shown.strip() == proc.stdout.strip()
     submit = json.loads(proc.stdout.strip().splitlines()[-1])["submit"]
     assert submit + " data=<your data preset>" in section
-    command = "python train.py recipe=msa109b_pt dry_run=true parallel.context_parallel_size=1"
+    command = ".venv/bin/python train.py recipe=msa109b_pt dry_run=true parallel.context_parallel_size=1"
     shown = section.split(f"$ {command} > /dev/null\n", 1)[1].split("\n", 1)[0]
     proc = dry_run("recipe=msa109b_pt", "parallel.context_parallel_size=1")
     assert proc.returncode == 2 and shown == proc.stderr.strip()
