@@ -140,9 +140,11 @@ def measure(args, name: str, overrides: list[str], out_dir: str) -> dict:
     steps = [r for r in records if "train/step_time_s" in r]
     timed = [r["train/step_time_s"] for r in steps[args.skip:]] or [r["train/step_time_s"] for r in steps[-1:]]
     mem = [r["mem/max_allocated_gb"] for r in steps if "mem/max_allocated_gb" in r]
+    reserved = [r["mem/max_reserved_gb"] for r in steps if "mem/max_reserved_gb" in r]
     return {
         "step_time_s": statistics.median(timed),
         "peak_gib": max(mem) if mem else None,  # GiB despite the key's name (bytes / 2**30)
+        "reserved_gib": max(reserved) if reserved else None,  # the allocator's (when the trainer logs it)
         "steps_timed": len(timed),
         "wall_s": round(time.time() - t0, 1),
         "lm_loss_last": steps[-1].get("train/lm_loss") if steps else None,
