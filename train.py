@@ -24,6 +24,13 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    overrides = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in overrides):  # plain overrides (not --help, -m, --cfg ...)
+        from msa_megatron.training.entry import check_overrides
+
+        code = check_overrides(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), "config", overrides)
+        if code:
+            sys.exit(code)
     if int(os.environ.get("RANK", "0")) != 0:
         sys.argv += ["hydra/job_logging=none", "hydra/hydra_logging=none"]  # one rank prints Hydra's lines
     main()
