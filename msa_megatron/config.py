@@ -322,6 +322,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     )
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    _one_of("logging.wandb.mode", c.logging.wandb.mode, ("online", "offline", "disabled"))
     peak = c.logging.peak_tflops_per_gpu
     _require(peak is None or peak > 0, "logging.peak_tflops_per_gpu", peak, "must be > 0 or null")
     _require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")

@@ -227,11 +227,11 @@ def _load_training_state(trainer, path: str, root: str) -> TrainState:
     model_sd = model.sharded_state_dict()
     sharded = {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)}
     old_schedule = dict(trainer.scheduler.state_dict())
-    loaded = _load(sharded, path, "checkpoint.load", root, strict=StrictHandling.RAISE_ALL)
-    model.load_state_dict(loaded["model"])
     try:
+        loaded = _load(sharded, path, "checkpoint.load", root, strict=StrictHandling.RAISE_ALL)
+        model.load_state_dict(loaded["model"])
         trainer.optimizer.load_state_dict(loaded["optimizer"])
-    except (ValueError, KeyError, IndexError) as e:
+    except (ValueError, KeyError, IndexError) as e:  # megatron's merge of mismatched optimizer groups
         reason = " ".join(str(e).split())
         raise CheckpointError(
             f"checkpoint.load={root!r}: the optimizer state of {os.path.basename(path)} does not fit this run's "

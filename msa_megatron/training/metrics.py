@@ -91,9 +91,9 @@ class MetricsWriter:
         if not active:
             return
         os.makedirs(run_dir, exist_ok=True)
-        write_config_record(cfg, run_dir)
         if cfg.logging.wandb.enabled and cfg.logging.wandb.mode != "disabled":
             self.wandb_run = _start_wandb(cfg, run_dir, read_wandb_run_id(run_dir) or wandb_run_id)
+        write_config_record(cfg, run_dir)  # every check has passed: this start is the run's latest
         if cfg.logging.metrics_jsonl:
             drop_replayed_records(run_dir, resume_step)
             self.jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", buffering=1)
