@@ -48,8 +48,8 @@ def msa_layer_numbers(cfg) -> list[int]:
     """1-based numbers of the layers with an MSA index branch."""
     if cfg.attention.type != "msa":
         return []
-    dense = set(getattr(cfg.attention, "dense_layers", None) or [])
-    return [n for n in range(1, cfg.model.num_layers + 1) if n not in dense]
+    dense = set(cfg.attention.dense_layers)  # 0-based
+    return [n for n in range(1, cfg.model.num_layers + 1) if n - 1 not in dense]
 
 
 def moe_layer_numbers(cfg) -> list[int]:
@@ -58,7 +58,7 @@ def moe_layer_numbers(cfg) -> list[int]:
     m = cfg.model
     if m.num_moe_experts is None:
         return []
-    freq = getattr(m, "moe_layer_freq", 1)
+    freq = m.moe_layer_freq
     if isinstance(freq, int):
         return [n for n in range(1, m.num_layers + 1) if (n - 1) % freq == 0]
     return [n for n, flag in zip(range(1, m.num_layers + 1), freq) if flag]

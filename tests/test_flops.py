@@ -71,3 +71,17 @@ def test_peak_of_known_gpus_only():
     assert flops.peak_flops_per_gpu("bf16", "NVIDIA H100 80GB HBM3") == 989e12
     assert flops.peak_flops_per_gpu("bf16", None) is None  # CPU: no MFU
     assert flops.peak_flops_per_gpu("fp32", "Some Accelerator", override_tflops=2.0) == 2e12
+
+
+def test_dense_layers_and_moe_pattern():
+    """attention.dense_layers (0-based) keep dense attention and no index branch; model.moe_layer_freq
+    picks the MoE layers (an int: every N-th from the first; a list: one flag per layer)."""
+    base = {"model": {"num_layers": 4}, "data": {"seq_length": 4096}, "attention": {"block_size": 32, "topk_blocks": 4}}
+    cfg = load_config({**base, "attention": {**base["attention"], "dense_layers": [0, 1]}})
+    assert flops.msa_layer_numbers(cfg) == [3, 4]
+    full = flops.forward_flops_per_token(load_config(base), sparse=True)
+    part = flops.forward_flops_per_token(cfg, sparse=True)
+    assert part.index_projections == full.index_projections // 2 and part.index_scores == full.index_scores // 2
+    assert part.attention_core > full.attention_core  # two layers attend densely over 4096 tokens
+    assert flops.moe_layer_numbers(load_config({**base, "model": {"num_layers": 4, "moe_layer_freq": 2}})) == [1, 3]
+    assert flops.moe_layer_numbers(load_config({**base, "model": {"num_layers": 4, "moe_layer_freq": [0, 0, 1, 1]}})) == [3, 4]

@@ -40,6 +40,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
@@ -49,6 +50,9 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's states are saved in model-parameter shapes, so they load at any
+# layout (megatron-core's default format for it cannot be saved in 0.19.2).
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 META = "msa_meta.json"
 PARTIAL = ".partial"
 UNREADABLE = ".unreadable"
@@ -100,8 +104,15 @@ def read_meta(root: str, step: int) -> dict:
         raise UnreadableCheckpoint(f"{path}: unreadable ({e})") from None
 
 
-def _unwrap(model):
-    return model.module  # DDP -> GPTModel (or Float16Module, which forwards sharded_state_dict)
+def _chunk_key(i: int, n: int) -> str:
+    """State-dict key of model chunk i of n (megatron-LM's convention: "model", or "model0".."model{n-1}")."""
+    return "model" if n == 1 else f"model{i}"
+
+
+def model_state_dicts(chunks) -> dict:
+    """{chunk key: sharded state dict} of DDP-wrapped model chunks. Tensor keys are global layer
+    names, so a checkpoint written with one pipeline layout loads into another."""
+    return {_chunk_key(i, len(chunks)): c.module.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _rank0() -> bool:
@@ -127,10 +138,10 @@ def save(trainer, state: TrainState, wandb_run_id: Optional[str] = None) -> str:
             shutil.rmtree(partial)
         os.makedirs(partial)
     dist.barrier()
-    model_sd = _unwrap(trainer.model).sharded_state_dict()
+    model_sd = model_state_dicts(trainer.model)
     sharded = {
-        "model": model_sd,
-        "optimizer": trainer.optimizer.sharded_state_dict(model_sd),
+        **model_sd,
+        "optimizer": trainer.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT),
         "scheduler": trainer.scheduler.state_dict(),
         "train_state": asdict(state),
     }
@@ -223,13 +234,14 @@ def _note_tracker(root: str, newest: int, say) -> None:
 
 
 def _load_training_state(trainer, path: str, root: str) -> TrainState:
-    model = _unwrap(trainer.model)
-    model_sd = model.sharded_state_dict()
-    sharded = {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    model_sd = model_state_dicts(trainer.model)
+    _allocate_optimizer_state(trainer.optimizer)
+    sharded = {**model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)}
     old_schedule = dict(trainer.scheduler.state_dict())
     try:
         loaded = _load(sharded, path, "checkpoint.load", root, strict=StrictHandling.RAISE_ALL)
-        model.load_state_dict(loaded["model"])
+        for key, chunk in zip(model_sd, trainer.model):
+            chunk.module.load_state_dict(loaded[key])
         trainer.optimizer.load_state_dict(loaded["optimizer"])
     except (ValueError, KeyError, IndexError) as e:  # megatron's merge of mismatched optimizer groups
         reason = " ".join(str(e).split())
@@ -237,6 +249,7 @@ def _load_training_state(trainer, path: str, root: str) -> TrainState:
             f"checkpoint.load={root!r}: the optimizer state of {os.path.basename(path)} does not fit this run's "
             f"parameter groups ({reason}); optim.* settings that change the groups (e.g. optim.index_lr) cannot change on resume"
         ) from None
+    _unshare_adam_steps(trainer.optimizer)
     saved_schedule = loaded["scheduler"]
     trainer.scheduler.load_state_dict(saved_schedule)  # the current config's schedule at the saved step
     change = describe_schedule_change(saved_schedule, old_schedule, trainer.cfg.train.global_batch_size)
@@ -257,6 +270,54 @@ def describe_schedule_change(saved: dict, current: dict, global_batch_size: int)
             old, new = old // global_batch_size, new // global_batch_size
         changes.append(f"{key} {old} -> {new}" + (" steps" if key in in_steps else ""))
     return ", ".join(changes)
+
+
+def _torch_adams(optimizer):
+    """The torch.optim.Adam instances inside megatron's (chained, distributed) optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):
+            yield opt, inner
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.19.2's DistributedOptimizer.load_state_dict hands every parameter the same
+    `step` tensor, which torch's Adam then increments once per parameter per step (wrong bias
+    correction after a resume): give each parameter its own copy."""
+    for _, adam in _torch_adams(optimizer):
+        for state in adam.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Make megatron-core 0.19.2's DistributedOptimizer load over torch.optim.Adam (no Apex/TE).
+
+    1. It reads Adam's per-parameter `step` while building the state dict to load into, and torch
+       creates that state only at the first step: a zero-gradient step allocates it. Everything it
+       touches (main params, moments, step) is then overwritten by the checkpoint, and the model
+       weights are loaded after it.
+    2. Its loader skips Adam's `step` tensor (restored from the param groups instead) but the setter
+       then looks it up: the setter is told to leave it alone.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    setter = DistributedOptimizer._set_main_param_and_optimizer_states
+    if not getattr(setter, "_msa_skips_step", False):
+
+        def set_states(self, model_param, tensors):
+            return setter(self, model_param, {"step": None, **tensors})
+
+        set_states._msa_skips_step = True
+        DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+    for opt, inner in _torch_adams(optimizer):
+        if isinstance(opt, DistributedOptimizer) and not inner.state:
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            inner.step()
+            inner.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------- trust and files
@@ -333,20 +394,25 @@ def check_storage_files(path: str) -> None:
 # ---------------------------------------------------------------------------------- weights only
 
 
-def init_weights(model, root: str, allow_missing: list) -> list:
-    """Load weights into `model` (unwrapped, before the optimizer is built) from a checkpoint
-    directory or its parent with a tracker; returns the keys that keep their fresh initialisation."""
+def init_weights(models, root: str, allow_missing: list) -> list:
+    """Load weights into `models` (unwrapped model chunks, or one model, before the optimizer is
+    built) from a checkpoint directory or its parent with a tracker; returns the keys that keep
+    their fresh initialisation. Collective: every rank calls it."""
+    models = models if isinstance(models, (list, tuple)) else [models]
     path = _resolve_weights_dir(root)
     read_storage_index(path)  # refuse foreign pickles before megatron reads the index
-    model_sd = model.sharded_state_dict()
+    model_sds = [m.sharded_state_dict() for m in models]
     available = set(load_sharded_metadata(path))
-    ids = {name: _checkpoint_id(e) for name, e in model_sd.items() if _checkpoint_id(e) is not None}
-    wanted, fresh = {}, []
-    for name, entry in model_sd.items():
-        if name in ids and ids[name] not in available:
-            fresh.append(ids[name])  # keeps its initialisation, if the allow-list permits
-        else:
-            wanted[name] = entry
+    wanted, fresh, model_keys = [{} for _ in models], [], set()
+    for i, sd in enumerate(model_sds):
+        for name, entry in sd.items():
+            key = _checkpoint_id(entry)
+            if key is not None:
+                model_keys.add(key)
+            if key is not None and key not in available:
+                fresh.append(key)  # keeps its initialisation, if the allow-list permits
+            else:
+                wanted[i][name] = entry
     not_allowed = [k for k in fresh if not _allowed(k, allow_missing)]
     if not_allowed:
         raise CheckpointError(
@@ -354,24 +420,29 @@ def init_weights(model, root: str, allow_missing: list) -> list:
             + ", ".join(sorted(not_allowed)[:8])
             + (" ..." if len(not_allowed) > 8 else "")
         )
-    model_keys = set(ids.values())
-    model_prefixes = {k.split(".")[0] for k in model_keys}
-    extra = sorted(k for k in available - model_keys if k.split(".")[0] in model_prefixes)
+    # Pipeline stages hold different layers: a tensor is extra only if no rank's model has it.
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(model_keys))
+    all_model_keys = set().union(*map(set, everyone))
+    model_prefixes = {k.split(".")[0] for k in all_model_keys}
+    extra = sorted(k for k in available - all_model_keys if k.split(".")[0] in model_prefixes)
     if extra:
         raise CheckpointError(f"{path} holds {len(extra)} tensors this model does not have: " + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
     shapes = dist_checkpointing.load_tensors_metadata(path)
-    for entry in wanted.values():
+    for entry in (e for w in wanted for e in w.values()):
         if isinstance(entry, ShardedTensor) and tuple(shapes[entry.key].global_shape) != tuple(entry.global_shape):
             raise CheckpointError(
                 f"checkpoint.init_from={root!r}: {entry.key} has shape {tuple(shapes[entry.key].global_shape)} "
                 f"in the checkpoint but {tuple(entry.global_shape)} in this model"
             )
-    loaded = _load({"model": wanted}, path, "checkpoint.init_from", root)["model"]
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    unexplained = [k for k in missing if not _allowed(k, allow_missing) and not k.endswith("_extra_state")]
-    if unexplained or unexpected:
-        raise CheckpointError(f"{path}: loading left {unexplained + list(unexpected)} unmatched")
-    return sorted(fresh)
+    request = {_chunk_key(i, len(models)): w for i, w in enumerate(wanted)}
+    loaded = _load(request, path, "checkpoint.init_from", root)
+    for (key, _), model in zip(request.items(), models):
+        missing, unexpected = model.load_state_dict(loaded[key], strict=False)
+        unexplained = [k for k in missing if not _allowed(k, allow_missing) and not k.endswith("_extra_state")]
+        if unexplained or unexpected:
+            raise CheckpointError(f"{path}: loading left {unexplained + list(unexpected)} unmatched")
+    return sorted(set(fresh))
 
 
 def _load(sharded, path: str, key: str, root: str, **kwargs):

@@ -7,8 +7,8 @@ difference is in a key that does not change what the checkpoint means:
 - how long and how often: train.steps and the intervals, checkpoint paths and retention;
 - where the numbers go: logging.*, name, output_dir;
 - how it runs, not what it computes: the parallel layout (dist_checkpointing reshards),
-  attention.backend, data loader workers and index cache, validation size, init settings
-  (ignored on resume);
+  activation recompute, attention.backend, data loader workers and index cache, validation
+  size, init settings (ignored on resume);
 - the LR schedule (optim.lr, min_lr, lr_warmup_steps, lr_decay_style, weight_decay,
   clip_grad): the schedule follows the new config from the saved step, and the resume logs it.
 
@@ -37,6 +37,10 @@ SAFE_KEYS = (
     "data.valid_microbatches",
     "model.use_cpu_initialization",
     "model.transformer_impl",
+    "model.recompute_granularity",
+    "model.recompute_method",
+    "model.recompute_num_layers",
+    "model.recompute_modules",
     "optim.lr",
     "optim.min_lr",
     "optim.lr_warmup_steps",
