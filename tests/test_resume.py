@@ -117,7 +117,7 @@ def test_index_lr_keeps_standard_weight_decay_groups(tmp_path):
     topo = init_distributed(cfg)
     try:
         trainer = Trainer(cfg, topo)
-        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        names = {id(p): n for chunk in trainer.model for n, p in chunk.named_parameters()}
         group_of = {names[id(p)]: g for g in trainer.optimizer.param_groups for p in g["params"]}
     finally:
         shutdown()
@@ -159,3 +159,15 @@ def test_every_rank_names_the_signal_another_rank_got():
     results = mp.Manager().dict()
     mp.spawn(_signal_worker, args=(port, results), nprocs=2)
     assert dict(results) == {0: (None, "SIGTERM to rank 1"), 1: (None, "SIGTERM to rank 1")}
+
+
+def test_a_failing_validation_does_not_cost_the_checkpoint(tmp_path, monkeypatch):
+    from msa_megatron.training import loop
+
+    def broken(self, step):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train_main(tmp_path, "train.steps=3", "train.eval_interval=3")
+    assert checkpoint.complete_steps(str(tmp_path / "checkpoints")) == [3]  # saved before validating

@@ -18,7 +18,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
 from msa_megatron import flops
-
 from msa_megatron.config import (
     RunConfig,
     load_config,
