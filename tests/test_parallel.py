@@ -65,6 +65,8 @@ LAYOUTS = {
     "tp2xcp2": (["parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2"], 4),
     "tp4_over_2_groups": (["parallel.tensor_model_parallel_size=4"], 4),
     "ep2": (["parallel.expert_model_parallel_size=2"], 2),
+    "tp2xep2_expert_tp2": (["parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2",
+                            "parallel.expert_tensor_parallel_size=2"], 4),
     "pp2_first_stage_without_msa": (["parallel.pipeline_model_parallel_size=2"], 2),
     "pp2_virtual2": (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"], 2),
     "dp2_distributed_optimizer": (["parallel.use_distributed_optimizer=true"], 2),
