@@ -171,3 +171,18 @@ def test_a_failing_validation_does_not_cost_the_checkpoint(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="validation broke"):
         train_main(tmp_path, "train.steps=3", "train.eval_interval=3")
     assert checkpoint.complete_steps(str(tmp_path / "checkpoints")) == [3]  # saved before validating
+
+
+def test_which_changes_a_resume_may_make():
+    from msa_megatron.config import load_config
+    from msa_megatron.training.resume_check import config_tree, refused_changes
+
+    saved = config_tree(load_config({"train": {"steps": 40}}))
+    safe = load_config({"train": {"steps": 80, "log_interval": 5}, "logging": {"console": False}, "data": {"tokenizer": "/t"},
+                        "parallel": {"tensor_model_parallel_size": 2}, "optim": {"lr": 1e-3, "min_lr": 1e-4}})
+    assert refused_changes(saved, safe) == []
+    changed = load_config({"train": {"steps": 40, "micro_batch_size": 2, "global_batch_size": 4}, "attention": {"kl": {"coeff": 0.5}}})
+    assert [key for key, _, _ in refused_changes(saved, changed)] == ["attention.kl.coeff", "train.micro_batch_size", "train.global_batch_size"]
+    del saved["attention"]["dense_layers"]  # a checkpoint older than this key: its default is assumed
+    assert refused_changes(saved, load_config({"train": {"steps": 40}})) == []
+    assert [k for k, _, _ in refused_changes(saved, load_config({"train": {"steps": 40}, "attention": {"dense_layers": [0]}}))] == ["attention.dense_layers"]

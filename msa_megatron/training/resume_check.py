@@ -8,7 +8,8 @@ difference is in a key that does not change what the checkpoint means:
 - where the numbers go: logging.*, name, output_dir;
 - how it runs, not what it computes: the parallel layout (dist_checkpointing reshards),
   activation recompute, attention.backend, data loader workers and index cache, validation
-  size, init settings (ignored on resume);
+  size, the tokenizer path (checked against the data's manifests), init settings (ignored on
+  resume);
 - the LR schedule (optim.lr, min_lr, lr_warmup_steps, lr_decay_style, weight_decay,
   clip_grad): the schedule follows the new config from the saved step, and the resume logs it.
 
@@ -35,6 +36,7 @@ SAFE_KEYS = (
     "data.num_workers",
     "data.cache_dir",
     "data.valid_microbatches",
+    "data.tokenizer",  # only checked against the manifests' hashes: the tokens stay the same
     "model.use_cpu_initialization",
     "model.transformer_impl",
     "model.recompute_granularity",
