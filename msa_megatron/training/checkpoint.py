@@ -234,6 +234,7 @@ def _note_tracker(root: str, newest: int, say) -> None:
 
 
 def _load_training_state(trainer, path: str, root: str) -> TrainState:
+    _check_optimizer_kind(path, trainer.cfg.parallel.use_distributed_optimizer)
     model_sd = model_state_dicts(trainer.model)
     _allocate_optimizer_state(trainer.optimizer)
     sharded = {**model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)}
@@ -270,6 +271,20 @@ def describe_schedule_change(saved: dict, current: dict, global_batch_size: int)
             old, new = old // global_batch_size, new // global_batch_size
         changes.append(f"{key} {old} -> {new}" + (" steps" if key in in_steps else ""))
     return ", ".join(changes)
+
+
+def _check_optimizer_kind(path: str, distributed: bool) -> None:
+    """The optimizer state of one optimizer kind cannot be loaded into the other."""
+    meta = os.path.join(path, META)
+    if not os.path.exists(meta):
+        return
+    with open(meta) as f:
+        saved = json.load(f).get("config", {}).get("parallel", {}).get("use_distributed_optimizer")
+    if saved is not None and bool(saved) != bool(distributed):
+        raise CheckpointError(
+            f"parallel.use_distributed_optimizer={distributed}: {path} was saved with {bool(saved)}; resume with the same "
+            "setting (the two optimizers store their state differently)"
+        )
 
 
 def _torch_adams(optimizer):
