@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.transformer.module import Float16Module
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's states are saved in model-parameter shapes, so they load at any
@@ -453,7 +454,8 @@ def init_weights(models, root: str, allow_missing: list) -> list:
     request = {_chunk_key(i, len(models)): w for i, w in enumerate(wanted)}
     loaded = _load(request, path, "checkpoint.init_from", root)
     for (key, _), model in zip(request.items(), models):
-        missing, unexpected = model.load_state_dict(loaded[key], strict=False)
+        inner = model.module if isinstance(model, Float16Module) else model  # the wrapper returns nothing
+        missing, unexpected = inner.load_state_dict(loaded[key], strict=False)
         unexplained = [k for k in missing if not _allowed(k, allow_missing) and not k.endswith("_extra_state")]
         if unexplained or unexpected:
             raise CheckpointError(f"{path}: loading left {unexplained + list(unexpected)} unmatched")
