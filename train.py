@@ -1,6 +1,7 @@
 """Train an MSA (or dense GQA) MoE model: `python train.py [group=option ...] [key=value ...]`.
 
-Runs as one process, or one process per rank under torchrun / srun.
+Runs as one process, or one process per rank under torchrun / srun (slurm/launch.sh). A user
+error (config, data, checkpoint, environment) prints one line and exits with code 2.
 """
 
 import os
@@ -8,32 +9,20 @@ import sys
 
 import hydra
 
-from msa_megatron.config import ConfigError, load_config, register_hydra_schema
+from msa_megatron.config import register_hydra_schema
 
 register_hydra_schema()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg) -> None:
-    try:
-        run_cfg = load_config(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if run_cfg.dry_run:  # the plan only: no GPU, no process group
-        from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig
 
-        from msa_megatron.dry_run import main as dry_run
+    from msa_megatron.training.entry import main as train_main
 
-        sys.exit(dry_run(run_cfg, list(HydraConfig.get().overrides.task)))
-    from msa_megatron.training import run
-    from msa_megatron.training.checkpoint import CheckpointError
-
-    try:
-        run(run_cfg)
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = train_main(cfg, overrides=list(HydraConfig.get().overrides.task))
+    if code:
+        sys.exit(code)
 
 
 def _is_dry_run(argv) -> bool:
@@ -41,9 +30,15 @@ def _is_dry_run(argv) -> bool:
 
 
 if __name__ == "__main__":
-    if _is_dry_run(sys.argv[1:]):  # a dry run writes nothing: no run directory, no Hydra record or log
-        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    if int(os.environ.get("RANK", "0")) != 0:
-        # Only rank 0 writes Hydra's outputs (.hydra/ and the job log) into the run directory.
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    overrides = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in overrides):  # plain overrides (not --help, -m, --cfg ...)
+        from msa_megatron.training.entry import check_overrides
+
+        code = check_overrides(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), "config", overrides)
+        if code:
+            sys.exit(code)
+    if _is_dry_run(overrides):  # a dry run writes nothing: not even the run directory
+        sys.argv += ["hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    elif int(os.environ.get("RANK", "0")) != 0:
+        sys.argv += ["hydra/job_logging=none", "hydra/hydra_logging=none"]  # one rank prints Hydra's lines
     main()

@@ -292,3 +292,13 @@ def test_check_plan_tool_end_to_end_on_cpu(tmp_path):
     assert results["msa"]["speed_vs_gqa"] == pytest.approx(speed, abs=1e-3)
     table = (tmp_path / "check_plan.md").read_text()
     assert "| single | msa | sparse |" in table and "| single | gqa | dense |" in table
+
+
+def test_a_resume_may_change_what_the_dry_run_plans_for():
+    """cluster.* and dry_run describe the plan, not the run: resuming with other values is allowed."""
+    from msa_megatron.training.resume_check import config_tree, refused_changes
+
+    saved = config_tree(load_config({"train": {"steps": 40}}))
+    planned_elsewhere = load_config({"train": {"steps": 40}, "cluster": {"nodes": 4, "gpu_memory_gib": 140, "assumed_mfu": 0.4}})
+    assert refused_changes(saved, planned_elsewhere) == []
+    assert [k for k, _, _ in refused_changes(saved, load_config({"train": {"steps": 40, "seed": 7}}))] == ["train.seed"]
