@@ -129,25 +129,49 @@ def import_hf(src: str, name: str, vocab_size: Optional[int] = None, dtype: Opti
     if not os.path.isdir(src):
         raise ConvertError(f"{src}: no such directory")
     config = read_json(os.path.join(src, "config.json"), "the model's config.json")
+    source = model_from_hf(config, name)  # refuses unsupported models before any file is opened
+    files = SafetensorsDir(src)
+    check_vocab(src, source.vocab_rows, vocab_size)
+    result = import_hf_tensors(config, files, src, name)
+    result.params = cast(result.params, dtype)
+    return result
+
+
+class DictTensors:
+    """The SafetensorsDir interface over tensors already in memory."""
+
+    def __init__(self, tensors: dict):
+        self.where = tensors
+
+    def names(self) -> list:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.where[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name]
+
+
+def import_hf_tensors(config: dict, tensors, src: str, name: str) -> Converted:
+    """Hugging Face-named tensors (a SafetensorsDir or DictTensors) -> our parameters."""
     source = model_from_hf(config, name)
     cfg = run_config(source)
-    files = SafetensorsDir(src)
-    embed_rows = source.vocab_rows
-    rules = tensor_rules(source.model_type, cfg, embed_rows)
-    embed = next(h for r in rules if r.ours == "embedding.word_embeddings.weight" for h in r.hf)
-    if embed in files.where and files.shape(embed)[0] != embed_rows:
-        raise ConvertError(f"{src}: {embed} has {files.shape(embed)[0]} rows but config.json vocab_size={embed_rows}")
-    check_vocab(src, embed_rows, vocab_size)
+    rows = source.vocab_rows
+    rules = tensor_rules(source.model_type, cfg, rows)
+    embed = rules[0].hf[0]
+    if embed in tensors.where and tensors.shape(embed)[0] != rows:
+        raise ConvertError(f"{src}: {embed} has {tensors.shape(embed)[0]} rows but config.json vocab_size={rows}")
     our_shapes = {n: tuple(p.shape) for n, p in build_meta_model(cfg).named_parameters()}
     tied = () if cfg.model.untie_embeddings_and_output_weights else ("lm_head.weight", "language_model.lm_head.weight")
-    params, used, dropped = convert_tensors(rules, files.get, files.shape, files.names(), src, our_shapes, tied)
+    params, used, dropped = convert_tensors(rules, tensors.get, tensors.shape, tensors.names(), src, our_shapes, tied)
     return Converted(
         cfg=cfg,
-        params=cast(params, dtype),
+        params=params,
         source=src,
         source_format="hf",
         model_type=source.model_type,
-        vocab_rows=embed_rows,
+        vocab_rows=rows,
         mapped=used,
         dropped=[f"{h}: {'tied to the embedding' if h in tied else 'zero or recomputed (inert)'}" for h in dropped],
         attention=source.attention if source.model_type == M3 else {},
