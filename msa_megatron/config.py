@@ -35,6 +35,9 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 1e-2
     moe_token_dispatcher_type: str = "alltoall"
     moe_grouped_gemm: bool = False
+    # 1: every layer MoE; N: every N-th; or a 0/1 list per layer (0: dense FFN of ffn_hidden_size,
+    # e.g. [0,0,0,1,...] for a model whose first 3 layers are dense), as megatron-core's moe_layer_freq.
+    moe_layer_freq: Any = 1
     vocab_size: int = 512
     max_position_embeddings: int = 8192
     rotary_base: int = 10000
@@ -46,6 +49,12 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     use_cpu_initialization: bool = False  # build weights on the CPU (TP-size-independent init; slower)
     transformer_impl: str = "auto"  # auto (Transformer Engine when importable) | local | transformer_engine
+    # Activation recompute, megatron-core's keys: selective (recompute_modules, default core_attn)
+    # or full (recompute_method uniform|block with recompute_num_layers).
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[list] = None
 
 
 @dataclass
@@ -62,6 +71,7 @@ class AttentionConfig:
     index_norm: bool = True  # per-head RMSNorm on qi / ki
     index_rope: bool = True  # main branch's (partial) RoPE on qi / ki
     index_init_std: float = 0.02
+    dense_layers: list = field(default_factory=list)  # 0-based layers with full attention and no index branch
     kl: KLConfig = field(default_factory=KLConfig)
     backend: str = "auto"  # auto | reference | triton
     recall_interval: int = 0  # steps between recall diagnostics (0: off)
@@ -71,6 +81,9 @@ class AttentionConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per pipeline rank (interleaved)
+    num_layers_in_first_pipeline_stage: Optional[int] = None  # uneven pipeline splits (e.g. 41 layers)
+    num_layers_in_last_pipeline_stage: Optional[int] = None
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
@@ -251,37 +264,8 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     _require(a.kl.coeff >= 0.0, "attention.kl.coeff", a.kl.coeff, "must be >= 0")
     _require(a.recall_interval >= 0, "attention.recall_interval", a.recall_interval, "must be >= 0")
 
-    tp, pp, cp, ep = (
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.context_parallel_size,
-        p.expert_model_parallel_size,
-    )
-    for key, v in (("tensor", tp), ("pipeline", pp), ("context", cp), ("expert", ep)):
-        _require(v >= 1, f"parallel.{key}_model_parallel_size" if key != "context" else "parallel.context_parallel_size", v, "must be >= 1")
-    _require(
-        m.num_query_groups % tp == 0,
-        "parallel.tensor_model_parallel_size",
-        tp,
-        f"must divide model.num_query_groups={m.num_query_groups} (MSA shards whole KV groups and their index heads)",
-    )
-    _require(
-        m.num_attention_heads % tp == 0,
-        "parallel.tensor_model_parallel_size",
-        tp,
-        f"must divide model.num_attention_heads={m.num_attention_heads}",
-    )
-    _require(
-        cp == 1,
-        "parallel.context_parallel_size",
-        cp,
-        "context parallelism is not implemented yet for MSA; use 1",
-    )
-    if p.sequence_parallel is False and tp > 1 and m.num_moe_experts is not None:
-        raise ConfigError(f"parallel.sequence_parallel=False: MoE with tensor_model_parallel_size={tp} needs sequence parallelism")
-    _require(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size", pp, f"must divide model.num_layers={m.num_layers}")
-    if m.num_moe_experts is not None:
-        _require(m.num_moe_experts % ep == 0, "parallel.expert_model_parallel_size", ep, f"must divide model.num_moe_experts={m.num_moe_experts}")
+    _validate_model_extras(c)
+    _validate_layout(c)
     _one_of("parallel.distributed_backend", p.distributed_backend, ("auto", "nccl", "gloo"))
 
     _one_of("data.type", d.type, ("mock", "indexed"))
@@ -331,26 +315,173 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     if t.exit_interval:
         _require(ck.save is not None, "train.exit_interval", t.exit_interval, "needs checkpoint.save to keep the progress")
     if world_size is not None:
-        model_parallel = tp * pp * cp
+        _validate_world(c, world_size)
+
+
+RECOMPUTE_MODULES = ("core_attn", "moe", "moe_act", "layernorm", "mlp", "shared_experts")
+
+
+def _validate_model_extras(c: RunConfig) -> None:
+    m, a = c.model, c.attention
+    if isinstance(m.moe_layer_freq, (list, tuple)):
+        pattern = list(m.moe_layer_freq)
         _require(
-            world_size % model_parallel == 0,
-            "parallel",
-            f"TP{tp}xPP{pp}xCP{cp}",
-            f"model-parallel size {model_parallel} must divide the world size {world_size}",
+            len(pattern) == m.num_layers and all(x in (0, 1) and not isinstance(x, bool) for x in pattern),
+            "model.moe_layer_freq",
+            pattern,
+            f"must be an int >= 1 or a list of {m.num_layers} zeros and ones (one per layer)",
         )
-        dp = world_size // model_parallel
-        per_step = t.micro_batch_size * dp
+        _require(m.num_moe_experts is not None or not any(pattern), "model.moe_layer_freq", pattern, "marks MoE layers but model.num_moe_experts is null")
+    else:
+        ok = isinstance(m.moe_layer_freq, int) and not isinstance(m.moe_layer_freq, bool) and m.moe_layer_freq >= 1
+        _require(ok, "model.moe_layer_freq", m.moe_layer_freq, f"must be an int >= 1 or a list of {m.num_layers} zeros and ones")
+    dense = a.dense_layers
+    _require(
+        all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < m.num_layers for i in dense) and len(set(dense)) == len(dense),
+        "attention.dense_layers",
+        list(dense),
+        f"must be distinct 0-based layer indices in [0, {m.num_layers})",
+    )
+    g = m.recompute_granularity
+    _one_of("model.recompute_granularity", g, (None, "selective", "full"))
+    if g == "full":
+        _one_of("model.recompute_method", m.recompute_method, ("uniform", "block"))
+        n = m.recompute_num_layers
+        _require(n is not None and n >= 1, "model.recompute_num_layers", n, "must be >= 1 with model.recompute_granularity=full")
+    else:
+        _require(m.recompute_method is None, "model.recompute_method", m.recompute_method, "is only for model.recompute_granularity=full")
+        _require(m.recompute_num_layers is None, "model.recompute_num_layers", m.recompute_num_layers, "is only for model.recompute_granularity=full")
+    if m.recompute_modules is not None:
+        bad = [x for x in m.recompute_modules if x not in RECOMPUTE_MODULES]
+        _require(not bad, "model.recompute_modules", list(m.recompute_modules), f"unknown {bad}: choose from {', '.join(RECOMPUTE_MODULES)}")
+        if "moe_act" in m.recompute_modules:
+            _require(m.moe_grouped_gemm, "model.recompute_modules", list(m.recompute_modules), "moe_act needs model.moe_grouped_gemm=true")
+
+
+def _validate_layout(c: RunConfig) -> None:
+    """Parallel layouts that cannot work are refused before any work, naming the key."""
+    m, p, d, t = c.model, c.parallel, c.data, c.train
+    tp, pp, cp, ep = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        p.expert_model_parallel_size,
+    )
+    for key, v in (
+        ("parallel.tensor_model_parallel_size", tp),
+        ("parallel.pipeline_model_parallel_size", pp),
+        ("parallel.context_parallel_size", cp),
+        ("parallel.expert_model_parallel_size", ep),
+    ):
+        _require(isinstance(v, int) and v >= 1, key, v, "must be an int >= 1")
+    key = "parallel.tensor_model_parallel_size"
+    groups, heads = m.num_query_groups, m.num_attention_heads
+    _require(heads % tp == 0, key, tp, f"must divide model.num_attention_heads={heads}")
+    _require(
+        groups % tp == 0 or tp % groups == 0,
+        key,
+        tp,
+        f"must divide model.num_query_groups={groups} or be a multiple of it (KV groups are sharded or replicated whole)",
+    )
+    qkv_width = (heads + 2 * groups) * m.kv_channels
+    _require(qkv_width % tp == 0, key, tp, f"must divide the query/key/value projection width {qkv_width}")
+    if c.attention.type == "msa" and tp > groups:
+        width = groups * c.attention.index_head_dim
+        _require(width % tp == 0, key, tp, f"must divide the index query width model.num_query_groups*attention.index_head_dim={width}")
+    sp = p.sequence_parallel if p.sequence_parallel is not None else tp > 1
+    if not sp and tp > 1 and m.num_moe_experts is not None:
+        raise ConfigError(f"parallel.sequence_parallel=False: MoE with tensor_model_parallel_size={tp} needs sequence parallelism")
+
+    _require(
+        d.seq_length % (2 * cp) == 0,
+        "data.seq_length",
+        d.seq_length,
+        f"must split into 2*parallel.context_parallel_size={2 * cp} equal chunks",
+    )
+    local_tokens = t.micro_batch_size * d.seq_length // cp
+    if sp:
         _require(
-            t.global_batch_size % per_step == 0,
-            "train.global_batch_size",
-            t.global_batch_size,
-            f"must be a multiple of micro_batch_size*data_parallel={per_step}",
+            local_tokens % tp == 0,
+            "data.seq_length",
+            d.seq_length,
+            f"micro_batch_size*seq_length/context_parallel_size={local_tokens} must be divisible by "
+            f"parallel.tensor_model_parallel_size={tp} (sequence parallelism)",
         )
+
+    first, last, vpp = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage, p.virtual_pipeline_model_parallel_size
+    uneven = first is not None or last is not None
+    if uneven:
+        _require(pp > 1, "parallel.num_layers_in_first_pipeline_stage", first, "needs parallel.pipeline_model_parallel_size > 1")
+        for k, v in (("first", first), ("last", last)):
+            _require(v is None or v >= 0, f"parallel.num_layers_in_{k}_pipeline_stage", v, "must be >= 0")
+        middle_stages = pp - (first is not None) - (last is not None)
+        middle_layers = m.num_layers - (first or 0) - (last or 0)
         _require(
-            (dp * tp * cp) % ep == 0 if m.num_moe_experts else True,
+            middle_layers >= 0 and (middle_stages == 0 and middle_layers == 0 or middle_stages > 0 and middle_layers % middle_stages == 0),
+            "parallel.pipeline_model_parallel_size",
+            pp,
+            f"cannot spread the {middle_layers} layers left after the first/last stages over {middle_stages} stages evenly",
+        )
+        _require(vpp is None, "parallel.virtual_pipeline_model_parallel_size", vpp, "is not supported with uneven first/last pipeline stages")
+    else:
+        _require(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size", pp, f"must divide model.num_layers={m.num_layers}")
+    if vpp is not None:
+        _require(isinstance(vpp, int) and vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", vpp, "must be an int >= 1 or null")
+        _require(pp > 1 or vpp == 1, "parallel.virtual_pipeline_model_parallel_size", vpp, "needs parallel.pipeline_model_parallel_size > 1")
+        _require(
+            m.num_layers % (pp * vpp) == 0,
+            "parallel.virtual_pipeline_model_parallel_size",
+            vpp,
+            f"pipeline_model_parallel_size*virtual_pipeline_model_parallel_size={pp * vpp} must divide model.num_layers={m.num_layers}",
+        )
+    if m.num_moe_experts is not None:
+        _require(m.num_moe_experts % ep == 0, "parallel.expert_model_parallel_size", ep, f"must divide model.num_moe_experts={m.num_moe_experts}")
+    etp = p.expert_tensor_parallel_size
+    _require(etp is None or (isinstance(etp, int) and etp >= 1), "parallel.expert_tensor_parallel_size", etp, "must be an int >= 1 or null (= tensor size)")
+    if m.num_moe_experts is not None and etp is not None and m.moe_ffn_hidden_size:
+        _require(m.moe_ffn_hidden_size % etp == 0, "parallel.expert_tensor_parallel_size", etp, f"must divide model.moe_ffn_hidden_size={m.moe_ffn_hidden_size}")
+
+
+def _validate_world(c: RunConfig, world_size: int) -> None:
+    """Relations between the layout and the number of ranks the job actually has."""
+    p, t, m = c.parallel, c.train, c.model
+    tp, pp, cp, ep = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        p.expert_model_parallel_size,
+    )
+    model_parallel = tp * pp * cp
+    _require(
+        world_size % model_parallel == 0,
+        "parallel",
+        f"TP{tp}xPP{pp}xCP{cp}",
+        f"model-parallel size {model_parallel} must divide the world size {world_size}",
+    )
+    dp = world_size // model_parallel
+    per_step = t.micro_batch_size * dp
+    _require(
+        t.global_batch_size % per_step == 0,
+        "train.global_batch_size",
+        t.global_batch_size,
+        f"must be a multiple of micro_batch_size*data_parallel={per_step}",
+    )
+    if m.num_moe_experts:
+        etp = p.expert_tensor_parallel_size or tp
+        _require(
+            (dp * tp * cp) % (ep * etp) == 0,
             "parallel.expert_model_parallel_size",
             ep,
-            f"must divide data*tensor*context parallel ranks={dp * tp * cp}",
+            f"expert_model_parallel_size*expert_tensor_parallel_size={ep * etp} must divide data*tensor*context parallel ranks={dp * tp * cp}",
+        )
+    vpp = p.virtual_pipeline_model_parallel_size
+    if vpp and vpp > 1:
+        n_mb = t.global_batch_size // per_step
+        _require(
+            n_mb % pp == 0,
+            "train.global_batch_size",
+            t.global_batch_size,
+            f"gives {n_mb} micro-batches per step; the interleaved pipeline needs a multiple of pipeline_model_parallel_size={pp}",
         )
 
 
@@ -404,8 +535,16 @@ def to_transformer_config(c: RunConfig, *, use_cpu_initialization: bool):
         moe_router_load_balancing_type="aux_loss",
         moe_token_dispatcher_type=m.moe_token_dispatcher_type,
         moe_grouped_gemm=m.moe_grouped_gemm,
+        moe_layer_freq=list(m.moe_layer_freq) if isinstance(m.moe_layer_freq, (list, tuple)) else m.moe_layer_freq,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
+        recompute_modules=list(m.recompute_modules) if m.recompute_modules is not None else None,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=p.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         context_parallel_size=p.context_parallel_size,

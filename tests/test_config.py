@@ -40,7 +40,21 @@ def test_pilot_model_and_gqa_presets():
         (["model.num_attention_heads=6", "model.num_query_groups=4"], "model.num_attention_heads=6"),
         (["attention.topk_blocks=0"], "attention.topk_blocks=0"),
         (["attention.block_size=48"], "attention.block_size=48"),
-        (["parallel.tensor_model_parallel_size=4", "model.num_query_groups=2"], "parallel.tensor_model_parallel_size=4"),
+        (["model.num_attention_heads=12", "model.num_query_groups=4", "parallel.tensor_model_parallel_size=6"],
+         "parallel.tensor_model_parallel_size=6"),
+        # impossible parallel layouts, refused before any work (issue 7, item 6)
+        (["parallel.expert_model_parallel_size=3"], "parallel.expert_model_parallel_size=3"),
+        (["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size=3"),
+        (["parallel.context_parallel_size=2", "data.seq_length=250"], "data.seq_length=250"),
+        (["parallel.tensor_model_parallel_size=4", "parallel.context_parallel_size=2", "data.seq_length=12"], "data.seq_length=12"),
+        (["model.num_query_groups=1", "parallel.tensor_model_parallel_size=4", "attention.index_head_dim=6", "attention.index_rope=false",
+          "model.kv_channels=16"], "parallel.tensor_model_parallel_size=4"),
+        (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"],
+         "parallel.virtual_pipeline_model_parallel_size=2"),
+        (["attention.dense_layers=[0,2]"], "attention.dense_layers=[0, 2]"),
+        (["model.moe_layer_freq=[0,2]"], "model.moe_layer_freq=[0, 2]"),
+        (["model.recompute_granularity=full"], "model.recompute_method=None"),
+        (["model.recompute_granularity=selective", "model.recompute_modules=[attn]"], "model.recompute_modules=['attn']"),
         (["attention.backend=cuda"], "attention.backend='cuda'"),
         (["stage.mode=sparse"], "stage.mode='sparse'"),
         (["attention.kl.coeff=-1"], "attention.kl.coeff=-1.0"),
@@ -68,6 +82,13 @@ def test_world_size_checks():
     cfg = load_config(composed("parallel.tensor_model_parallel_size=2"))
     with pytest.raises(ConfigError, match="^parallel="):
         validate(cfg, world_size=3)
+    cfg = load_config(composed("parallel.expert_model_parallel_size=4"))  # 4 experts over 4 ranks, but only 2 ranks
+    with pytest.raises(ConfigError, match=r"^parallel.expert_model_parallel_size=4: .* must divide data\*tensor\*context parallel ranks=2"):
+        validate(cfg, world_size=2)
+    cfg = load_config(composed("model.num_layers=4", "parallel.pipeline_model_parallel_size=2",
+                               "parallel.virtual_pipeline_model_parallel_size=2", "train.global_batch_size=3"))
+    with pytest.raises(ConfigError, match=r"^train.global_batch_size=3: gives 3 micro-batches .* multiple of pipeline_model_parallel_size=2"):
+        validate(cfg, world_size=2)
 
 
 def test_every_schema_key_can_be_overridden():

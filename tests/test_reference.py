@@ -278,3 +278,53 @@ def test_kl_value_matches_naive_loop(sparse):
             p_s = torch.softmax(torch.stack([(c.qi[i, g] * c.ki[j, 0]).sum() * scale for j in js]), 0)
             acc += float((p_t * (p_t.log() - p_s.log())).sum())
     assert kl.item() == pytest.approx(acc / (total * 2), rel=1e-10)
+
+
+def _zigzag_rows(total: int, parts: int, rank: int) -> torch.Tensor:
+    """Context-parallel style: 2*parts chunks, this rank keeps chunks rank and 2*parts-1-rank."""
+    edges = [total * c // (2 * parts) for c in range(2 * parts + 1)]
+    keep = [rank, 2 * parts - 1 - rank]
+    return torch.cat([torch.arange(edges[c], edges[c + 1]) for c in sorted(keep)])
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_query_subsets_compute_the_rows_of_the_whole_batch(parts):
+    """qpos (queries = a subset of the key rows) gives exactly those rows of the full computation,
+    and the ranks' KL values and gradients sum to the full ones (the context-parallel contract)."""
+    c = make_case(EDGE_LENGTHS, seed=21, requires_grad=True)
+    total = c.q.shape[0]
+    sel, ilse = ref.msa_indexer(c.qi, c.ki, c.cu_seqlens, c.block_size, c.topk)
+    o, lse = ref.sparse_attention(c.q, c.k, c.v, sel, c.cu_seqlens, c.block_size)
+    od, lsed = ref.dense_attention(c.q, c.k, c.v, c.cu_seqlens)
+    kl_full = ref.indexer_kl(c.q, c.k, c.qi, c.ki, c.cu_seqlens, sel, c.block_size)
+    dqi_full, dki_full = torch.autograd.grad(kl_full, (c.qi, c.ki))
+    kl_sum, dqi_sum, dki_sum = 0.0, torch.zeros_like(c.qi), torch.zeros_like(c.ki)
+    for rank in range(parts):
+        rows = _zigzag_rows(total, parts, rank)
+        q, qi = c.q[rows], c.qi[rows]
+        sel_r, ilse_r = ref.msa_indexer(qi, c.ki, c.cu_seqlens, c.block_size, c.topk, qpos=rows)
+        assert torch.equal(sel_r, sel[:, rows])
+        torch.testing.assert_close(ilse_r, ilse[:, rows], rtol=1e-12, atol=1e-12)
+        o_r, lse_r = ref.sparse_attention(q, c.k, c.v, sel_r, c.cu_seqlens, c.block_size, qpos=rows)
+        torch.testing.assert_close(o_r, o[rows], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse_r, lse[rows], rtol=1e-12, atol=1e-12)
+        od_r, lsed_r = ref.dense_attention(q, c.k, c.v, c.cu_seqlens, qpos=rows, chunk=7)
+        torch.testing.assert_close(od_r, od[rows], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lsed_r, lsed[rows], rtol=1e-12, atol=1e-12)
+        kl_r = ref.indexer_kl(q, c.k, qi, c.ki, c.cu_seqlens, sel_r, c.block_size, qpos=rows)
+        dqi_r, dki_r = torch.autograd.grad(kl_r, (c.qi, c.ki))
+        kl_sum, dqi_sum, dki_sum = kl_sum + kl_r, dqi_sum + dqi_r, dki_sum + dki_r
+        grads = ref.indexer_kl_grads(q, c.k, qi, c.ki, c.cu_seqlens, sel_r, c.block_size, qpos=rows)
+        torch.testing.assert_close(grads[0], dqi_r[rows], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads[1], dki_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kl_sum, kl_full, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dqi_sum, dqi_full, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(dki_sum, dki_full, rtol=1e-10, atol=1e-14)
+
+
+def test_query_positions_must_be_increasing_key_rows():
+    c = make_case([8, 8], seed=22)
+    with pytest.raises(ValueError, match="qpos"):
+        ref.dense_attention(c.q[:2], c.k, c.v, c.cu_seqlens, qpos=torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match="qpos"):
+        ref.dense_attention(c.q[:1], c.k, c.v, c.cu_seqlens, qpos=torch.tensor([16]))

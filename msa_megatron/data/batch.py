@@ -8,7 +8,8 @@ document. Positions restart at every document start.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 import torch
 
@@ -21,6 +22,10 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, T] int64, position inside the document
     cu_seqlens: torch.Tensor  # [n_docs + 1] int32, document edges over the T tokens
     max_seqlen: int
+    # Context parallelism (split_for_context_parallel): tokens..position_ids hold this rank's rows;
+    # cu_seqlens and max_seqlen still describe the whole micro-batch.
+    qpos: Optional[torch.Tensor] = None  # [T_local] int64, row of each local token in the micro-batch
+    cp_gather_index: Optional[torch.Tensor] = None  # [T] int64, see parallel/context.gather_order
 
     @property
     def num_tokens(self) -> int:
@@ -34,15 +39,30 @@ class PackedBatch:
         return PackedBatch(**moved)
 
     def packed_seq_params(self):
-        from megatron.core.packed_seq_params import PackedSeqParams
+        from msa_megatron.model.packed import PackedParams, document_positions
 
-        return PackedSeqParams(
+        rows = self.qpos if self.qpos is not None else torch.arange(self.num_tokens, device=self.tokens.device)
+        return PackedParams(
             qkv_format="thd",
             cu_seqlens_q=self.cu_seqlens,
             cu_seqlens_kv=self.cu_seqlens,
             max_seqlen_q=self.max_seqlen,
             max_seqlen_kv=self.max_seqlen,
+            positions=document_positions(self.cu_seqlens, rows),
+            qpos=self.qpos,
+            cp_gather_index=self.cp_gather_index,
         )
+
+    def split_for_context_parallel(self, sample_len: int, cp_size: int, cp_rank: int) -> "PackedBatch":
+        """This CP rank's tokens (chunks r and 2*CP-1-r of every sample); see parallel/context.py."""
+        if cp_size == 1:
+            return self
+        from msa_megatron.parallel.context import gather_order, rank_rows
+
+        dev = self.tokens.device
+        rows = rank_rows(self.num_tokens, sample_len, cp_size, cp_rank, device=dev)
+        local = {name: getattr(self, name)[:, rows] for name in ("tokens", "labels", "loss_mask", "position_ids")}
+        return replace(self, **local, qpos=rows, cp_gather_index=gather_order(self.num_tokens, sample_len, cp_size, device=dev))
 
 
 def pack_samples(samples: list[torch.Tensor], eod: int, split_documents: bool = True, reset_positions: bool = True) -> PackedBatch:

@@ -1,14 +1,19 @@
-"""MSA self-attention for megatron-core: a SelfAttention subclass plus custom core attentions.
+"""Attention for packed training batches on megatron-core, dense (GQA) and MSA.
 
-`MSASelfAttention` runs the index projections (indexer.py) on the layer input and hands them to
-its core attention, then lets megatron-core's SelfAttention do the rest (qkv, QK-norm, RoPE,
-linear_proj). `MSACoreAttention` picks the stage: dense warmup (full causal attention, KL on all
-visible tokens) or sparse (indexer top-k, attention over the selected blocks, KL on that
-support). `PackedCoreAttention` is the dense, document-aware core used by `attention.type=gqa`,
-so both models share every parameter name except `*.indexer.*`.
+`PackedSelfAttention` is megatron-core's SelfAttention with a forward of its own for training:
+RoPE at each token's position inside its document (taken from the batch, so context-parallel
+ranks rotate their tokens exactly as one rank would), and extra core-attention inputs passed as
+arguments through megatron's checkpointed core-attention forward (so selective recompute re-runs
+the same computation). `MSASelfAttention` adds the index branch (`indexer.*`) and hands its
+projections to `MSACoreAttention`, which picks the stage: dense warmup (full causal attention,
+KL on all visible tokens) or sparse (indexer top-k, attention over the selected blocks, KL on that
+support). `PackedCoreAttention` is the dense, document-aware core used by `attention.type=gqa`
+and by `attention.dense_layers`, so all share every parameter name except `*.indexer.*`.
 
 Core attentions see megatron's layouts: THD ([t, heads, d], with packed_seq_params) or
 [s, b, heads, d] (each sample one document). They return [t, heads*d] / [s, b, heads*d].
+Under context parallelism (packed_seq_params.qpos set) keys, values and index keys are
+all-gathered over the CP group (parallel/context.py) while queries stay local.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 from typing import Optional
 
 import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -24,19 +30,87 @@ from megatron.core.transformer.module import MegatronModule
 from msa_megatron import ops
 from msa_megatron.model.indexer import MSAIndexer
 from msa_megatron.model.kl_loss import KLLossAutoScaler, LayerKLStats
+from msa_megatron.model.packed import token_positions
 from msa_megatron.ops import reference
+from msa_megatron.parallel import replicas
+from msa_megatron.parallel.context import gather_keys
 
 
-def _to_thd(query, key, value, packed_seq_params):
-    """(q, k, v as [t, heads, d], cu_seqlens, max_seqlen, fn mapping o [t, heads, d] back)."""
-    if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-        cu = packed_seq_params.cu_seqlens_q
-        return query, key, value, cu, int(packed_seq_params.max_seqlen_q), lambda o: o.reshape(o.shape[0], -1)
-    s, b = query.shape[:2]
-    flat = lambda t: t.transpose(0, 1).reshape(b * s, *t.shape[2:])
-    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=query.device)
-    unflat = lambda o: o.reshape(b, s, -1).transpose(0, 1).contiguous()
-    return flat(query), flat(key), flat(value), cu, s, unflat
+def _is_thd(packed_seq_params) -> bool:
+    return packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+
+
+class PackedSelfAttention(SelfAttention):
+    """SelfAttention for packed training batches (no inference cache, no output gate)."""
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        key_value_states=None,
+        inference_context=None,
+        rotary_pos_emb=None,
+        rotary_pos_cos=None,
+        rotary_pos_sin=None,
+        rotary_pos_cos_sin=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        sequence_len_offset=None,
+        *,
+        inference_params=None,
+    ):
+        if inference_context is not None or inference_params is not None or key_value_states is not None:
+            raise NotImplementedError("msa-megatron attention layers train and evaluate; they have no inference cache")
+        query, key, value = self.get_query_key_value_tensors(hidden_states)  # [s, b, heads, d]
+        freqs = self._rotary_freqs(rotary_pos_emb, packed_seq_params, query)
+        if freqs is not None:
+            query = apply_rotary_pos_emb(query, freqs, config=self.config)
+            key = apply_rotary_pos_emb(key, freqs, config=self.config)
+        thd = _is_thd(packed_seq_params)
+        if thd:
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        extra = self.core_attention_inputs(hidden_states, freqs, thd)
+        if self.checkpoint_core_attention and self.training:
+            out = self._checkpointed_attention_forward(
+                query, key, value, attention_mask, attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params, core_attention_extra_kwargs=extra,
+            )
+        else:
+            out = self.core_attention(
+                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias, packed_seq_params=packed_seq_params, **extra,
+            )
+        if thd:
+            out = out.reshape(out.size(0), 1, -1)
+        return self.linear_proj(out)
+
+    def _rotary_freqs(self, rotary_pos_emb, packed_seq_params, query):
+        """RoPE angles per token, [s, b or 1, 1, rot_dim]: the table row of each token's position."""
+        if rotary_pos_emb is None:
+            return None
+        table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb  # [S, 1, 1, dim]
+        if not _is_thd(packed_seq_params):
+            return table[: query.shape[0]]
+        positions = token_positions(packed_seq_params, query.shape[0], query.device)
+        return table[positions]
+
+    def core_attention_inputs(self, hidden_states, freqs, thd: bool) -> dict:
+        """Extra keyword inputs of the core attention (tensors go through the recompute checkpoint)."""
+        return {}
+
+
+class MSASelfAttention(PackedSelfAttention):
+    """PackedSelfAttention with the MSA index branch under `indexer.*`."""
+
+    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, msa=None, **kwargs):
+        super().__init__(config, submodules, layer_number, attn_mask_type, **kwargs)
+        if not isinstance(self.core_attention, MSACoreAttention):
+            raise TypeError("MSASelfAttention needs MSACoreAttention as its core_attention submodule")
+        self.indexer = MSAIndexer(config, msa, self.pg_collection)
+
+    def core_attention_inputs(self, hidden_states, freqs, thd: bool) -> dict:
+        index_q, index_k = self.indexer(hidden_states, freqs, thd)
+        return {"index_q": index_q, "index_k": index_k}
 
 
 class PackedCoreAttention(MegatronModule):
@@ -53,12 +127,17 @@ class PackedCoreAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
         msa=None,
+        num_query_groups: Optional[int] = None,
     ):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.msa = msa
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.backend_name = msa.backend if msa is not None else "auto"
+        self.cp_group = pg_collection.cp if pg_collection is not None else None
+        # The model's KV groups (megatron hands a core attention a config with num_query_groups = TP
+        # when TP > groups and each rank keeps a replica of one group).
+        self.total_groups = num_query_groups or config.num_query_groups
 
     def _shape(self, max_seqlen: int, index_head_dim: int = 1) -> ops.MSAShape:
         msa = self.msa
@@ -70,73 +149,99 @@ class PackedCoreAttention(MegatronModule):
             max_seqlen=max_seqlen,
         )
 
+    def _packed(self, query, key, value, packed_seq_params):
+        """(q [Tq, h, d], k and v [T, g, d] over all key rows, cu_seqlens, max_seqlen, qpos, output shaper)."""
+        if _is_thd(packed_seq_params):
+            p = packed_seq_params
+            key, value = self._all_keys(key, p), self._all_keys(value, p)
+            return query, key, value, p.cu_seqlens_q, int(p.max_seqlen_q), getattr(p, "qpos", None), lambda o: o.reshape(o.shape[0], -1)
+        s, b = query.shape[:2]
+        flat = lambda t: t.transpose(0, 1).reshape(b * s, *t.shape[2:])
+        cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=query.device)
+        unflat = lambda o: o.reshape(b, s, -1).transpose(0, 1).contiguous()
+        return flat(query), flat(key), flat(value), cu, s, None, unflat
+
+    def _all_keys(self, local, packed_seq_params):
+        """Key-side tensor of all micro-batch rows: the CP all-gather when the batch is split."""
+        index = getattr(packed_seq_params, "cp_gather_index", None)
+        return local if index is None else gather_keys(local, index, self.cp_group)
+
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
-        q, k, v, cu, max_seqlen, back = _to_thd(query, key, value, packed_seq_params)
+        q, k, v, cu, max_seqlen, qpos, back = self._packed(query, key, value, packed_seq_params)
         backend = ops.resolve_backend(self.backend_name, q.device)
-        o, _ = ops.dense_attention(q, k, v, cu, self._shape(max_seqlen), backend)
+        o, _ = ops.dense_attention(q, k, v, cu, self._shape(max_seqlen), backend, qpos=qpos)
         return back(o)
 
 
 class MSACoreAttention(PackedCoreAttention):
-    """Stage-switched MSA main branch + KL. Index tensors arrive through `index_qk` per call."""
+    """Stage-switched MSA main branch + KL. The index projections arrive as arguments."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.index_qk = None  # (qi, ki), set by MSASelfAttention around each call
         self.sparse = False  # set by the training loop from consumed tokens
         self.measure_recall = False  # set by the training loop on diagnostic steps
-        self.total_groups = self.config.num_query_groups
         self.stats = LayerKLStats()
+        tp = self.config.tensor_model_parallel_size
+        self.kv_replicas = tp // self.total_groups if tp > self.total_groups else 1
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
-        if self.index_qk is None:
-            raise RuntimeError("MSACoreAttention needs the index projections: build it through MSASelfAttention")
-        qi, ki = self.index_qk
-        q, k, v, cu, max_seqlen, back = _to_thd(query, key, value, packed_seq_params)
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        index_q=None,
+        index_k=None,
+    ):
+        if index_q is None or index_k is None:
+            raise RuntimeError("MSACoreAttention needs index_q and index_k: build it through MSASelfAttention")
+        q, k, v, cu, max_seqlen, qpos, back = self._packed(query, key, value, packed_seq_params)
+        qi, ki = index_q, index_k
         if qi.dim() == 4:  # [s, b, G, di] -> the same THD flattening as q
             qi, ki = (t.transpose(0, 1).reshape(-1, *t.shape[2:]) for t in (qi, ki))
+        elif _is_thd(packed_seq_params):
+            ki = self._all_keys(ki, packed_seq_params)
         shape = self._shape(max_seqlen, qi.shape[-1])
         backend = ops.resolve_backend(self.backend_name, q.device)
+        # In the no-grad first pass of activation recompute the KL is skipped: the recompute in
+        # backward computes (and records) it, once.
+        with_kl = torch.is_grad_enabled() or not self.training
 
         topk = index_lse = None
-        if self.sparse or self.measure_recall:
-            topk, index_lse = ops.select_blocks(qi.detach(), ki.detach(), cu, shape, backend)
+        if self.sparse or (self.measure_recall and with_kl):
+            topk, index_lse = ops.select_blocks(qi.detach(), ki.detach(), cu, shape, backend, qpos=qpos)
         if self.sparse:
-            o, lse = ops.sparse_attention(q, k, v, topk, cu, shape, backend)
-            kl_support, kl_index_lse = topk, index_lse
+            o, lse = ops.sparse_attention(q, k, v, topk, cu, shape, backend, qpos=qpos)
         else:
-            o, lse = ops.dense_attention(q, k, v, cu, shape, backend)
-            kl_support, kl_index_lse = None, None
-        if self.measure_recall:
-            self.stats.record_recall(*reference.selection_recall(q.detach(), k.detach(), topk, cu, shape.block_size, shape.softmax_scale))
+            o, lse = ops.dense_attention(q, k, v, cu, shape, backend, qpos=qpos)
+        if not with_kl:
+            return back(o)
 
+        teacher_q, teacher_lse = self._group_heads(q.detach()), self._group_heads(lse.detach())
+        if self.measure_recall:
+            recall = reference.selection_recall(teacher_q, k.detach(), topk, cu, shape.block_size, shape.softmax_scale, qpos=qpos)
+            self.stats.record_recall(*recall)
         kl = ops.indexer_kl(
-            q.detach(), k.detach(), lse.detach(), qi, ki, kl_index_lse, kl_support, cu, shape, backend, self.total_groups
+            teacher_q, k.detach(), teacher_lse, qi, ki, index_lse if self.sparse else None, topk if self.sparse else None,
+            cu, shape, backend, self.total_groups, qpos=qpos,
         )
+        if self.kv_replicas > 1:  # every replica of the group computes its KL: count it once in all
+            kl = kl / self.kv_replicas
         self.stats.record_kl(kl)
         coeff = self.msa.kl.coeff
         if torch.is_grad_enabled() and kl.requires_grad and coeff > 0:
             o = KLLossAutoScaler.apply(o, kl * coeff)
         return back(o)
 
-
-class MSASelfAttention(SelfAttention):
-    """megatron-core SelfAttention with the MSA index branch under `indexer.*`."""
-
-    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, msa=None, **kwargs):
-        super().__init__(config, submodules, layer_number, attn_mask_type, **kwargs)
-        if not isinstance(self.core_attention, MSACoreAttention):
-            raise TypeError("MSASelfAttention needs MSACoreAttention as its core_attention submodule")
-        self.indexer = MSAIndexer(config, msa, self.pg_collection)
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        self.core_attention.index_qk = self.indexer(
-            hidden_states, kwargs.get("rotary_pos_emb"), kwargs.get("packed_seq_params")
-        )
-        try:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        finally:
-            self.core_attention.index_qk = None
+    def _group_heads(self, t):
+        """All query heads of this rank's KV group (TP > groups splits a group's heads over its
+        replicas; the KL teacher averages over every head of the group)."""
+        if self.kv_replicas == 1:
+            return t
+        return replicas.gather_group_heads(t, self.total_groups)
 
 
 def msa_core_attentions(model):

@@ -22,20 +22,21 @@ def use_transformer_engine(cfg) -> bool:
     return impl == "transformer_engine" or (impl == "auto" and transformer_engine_available())
 
 
-def build_model(cfg, tconfig) -> GPTModel:
-    """The GPT/MoE model of this pipeline stage, on the current device."""
+def build_model(cfg, tconfig, vp_stage=None) -> GPTModel:
+    """The GPT/MoE model of this pipeline stage (virtual stage `vp_stage`), on the current device."""
     tconfig.experimental_attention_variant_loss_scale_func = _kl_loss_scale_func()
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=block_spec(cfg, tconfig, use_transformer_engine(cfg)),
+        transformer_layer_spec=block_spec(cfg, tconfig, use_transformer_engine(cfg), vp_stage=vp_stage),
         vocab_size=padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tensor_model_parallel_size),
         max_sequence_length=cfg.model.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_percent=cfg.model.rotary_percent,
         rotary_base=cfg.model.rotary_base,
+        vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -2,6 +2,9 @@
 
 - `linear_q`: one index query head per KV group, column-parallel, so tensor-parallel rank t owns
   exactly the index heads of the KV groups it owns in `linear_qkv` (whole groups, same order).
+  With TP > groups each rank computes a slice, all ranks gather them, and each keeps the index
+  head of the KV group it replicates (megatron-core does the same for linear_qkv); the gather's
+  backward sums the replicas' gradients, each of which counts its group's KL once in all.
 - `linear_k`: one index key head shared by all groups, replicated on every TP rank. Each rank's
   KL only reaches it through that rank's groups, so its gradient (and the shared q-norm weight's)
   is summed over TP; the result equals TP=1.
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import (
+    all_gather_last_dim_from_tensor_parallel_region,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
@@ -30,10 +34,11 @@ class MSAIndexer(MegatronModule):
         super().__init__(config=config)
         self.msa = msa
         self.tp_group = pg_collection.tp
-        self.cp_group = pg_collection.cp
         tp = self.tp_group.size()
         self.head_dim = msa.index_head_dim
-        self.groups_per_rank = config.num_query_groups // tp
+        groups = config.num_query_groups
+        self.replicas = tp // groups if tp > groups else 1  # TP ranks sharing one KV group
+        self.groups_per_rank = max(groups // tp, 1)
         init = init_method_normal(msa.index_init_std)
         self.linear_q = ColumnParallelLinear(
             config.hidden_size,
@@ -72,30 +77,32 @@ class MSAIndexer(MegatronModule):
         params = dict(self.named_parameters())
         return [params[n] for n in names]
 
-    def forward(self, hidden_states, rotary_pos_emb=None, packed_seq_params=None):
+    def forward(self, hidden_states, freqs=None, thd: bool = False):
         """hidden_states [s, b, h] (sequence-sharded under SP) -> qi [.., G_local, di], ki [.., 1, di].
 
-        THD batches (packed_seq_params.qkv_format == 'thd') come back as [t, heads, di].
+        freqs: RoPE angles per token ([s, b or 1, 1, rot_dim], as the attention uses). THD batches
+        (thd=True, b == 1) come back as [t, heads, di].
         """
         x = hidden_states.detach()
         qi, _ = self.linear_q(x)  # gathers the sequence under sequence parallelism
+        if self.replicas > 1:
+            qi = all_gather_last_dim_from_tensor_parallel_region(qi, group=self.tp_group)
+            group = self.tp_group.rank() // self.replicas
+            qi = qi[..., group * self.head_dim : (group + 1) * self.head_dim]
         if self.config.sequence_parallel and self.tp_group.size() > 1:
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.tp_group)
         ki = F.linear(x, self.linear_k.weight)
         s, b = qi.shape[:2]
-        qi = qi.view(s, b, self.groups_per_rank, self.head_dim)
+        qi = qi.reshape(s, b, self.groups_per_rank, self.head_dim)
         ki = ki.view(s, b, 1, self.head_dim)
         eps = self.config.layernorm_epsilon
         if self.msa.index_norm:
             qi = rms_norm(qi, copy_to_tensor_model_parallel_region(self.q_norm_weight, group=self.tp_group), eps)
             ki = rms_norm(ki, self.k_norm_weight, eps)
         ki = copy_to_tensor_model_parallel_region(ki, group=self.tp_group)
-        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if self.msa.index_rope and freqs is not None:
+            qi = apply_rotary_pos_emb(qi, freqs, config=self.config)
+            ki = apply_rotary_pos_emb(ki, freqs, config=self.config)
         if thd:
             qi, ki = qi.squeeze(1), ki.squeeze(1)
-        if self.msa.index_rope and rotary_pos_emb is not None:
-            q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-            cu = packed_seq_params.cu_seqlens_q if thd else None
-            qi = apply_rotary_pos_emb(qi, q_freqs, config=self.config, cu_seqlens=cu, cp_group=self.cp_group)
-            ki = apply_rotary_pos_emb(ki, k_freqs, config=self.config, cu_seqlens=cu, cp_group=self.cp_group)
         return qi, ki

@@ -1,9 +1,11 @@
 """megatron-core layer specs with MSA (or the dense baseline) as the self-attention.
 
-Both attention types come from one spec function, so `attention.type=gqa` and `=msa` share every
-parameter name except the `*.indexer.*` weights. Local spec by default pieces; Transformer Engine
-linears and norms when `model.transformer_impl` selects them (TE's fused norm+qkv linear is
-not used: the index branch must see the normalized input that feeds linear_qkv).
+One spec per layer: the attention is MSA unless `attention.type=gqa` or the layer is listed in
+`attention.dense_layers` (full attention, no index branch); the FFN is MoE unless
+`model.moe_layer_freq` marks the layer dense. All variants share every parameter name except the
+`*.indexer.*` weights. Local spec pieces by default; Transformer Engine linears and norms when
+`model.transformer_impl` selects them (TE's fused norm+qkv linear is not used: the index branch
+must see the normalized input that feeds linear_qkv).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import functools
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
-from msa_megatron.model.attention import MSACoreAttention, MSASelfAttention, PackedCoreAttention
+from msa_megatron.model.attention import MSACoreAttention, MSASelfAttention, PackedCoreAttention, PackedSelfAttention
 from msa_megatron.model.norms import RMSNorm
 
 
@@ -28,10 +30,13 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def _local_submodules(cfg):
+def _local_submodules(cfg, moe: bool):
     m = cfg.model
     sub = get_gpt_layer_local_submodules(
-        num_experts=m.num_moe_experts, moe_grouped_gemm=m.moe_grouped_gemm, qk_layernorm=m.qk_layernorm, normalization="RMSNorm"
+        num_experts=m.num_moe_experts if moe else None,
+        moe_grouped_gemm=m.moe_grouped_gemm,
+        qk_layernorm=m.qk_layernorm,
+        normalization="RMSNorm",
     )
     # megatron-core's torch norm refuses sequence parallelism (needed by MoE + TP): use ours.
     sub.input_layernorm = RMSNorm
@@ -42,13 +47,13 @@ def _local_submodules(cfg):
     return sub, RMSNorm
 
 
-def _te_submodules(cfg):
+def _te_submodules(cfg, moe: bool):
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_submodules
 
     m = cfg.model
     sub = get_gpt_layer_with_transformer_engine_submodules(
-        num_experts=m.num_moe_experts, moe_grouped_gemm=m.moe_grouped_gemm, qk_layernorm=m.qk_layernorm
+        num_experts=m.num_moe_experts if moe else None, moe_grouped_gemm=m.moe_grouped_gemm, qk_layernorm=m.qk_layernorm
     )
     sub.input_layernorm = TENorm
     sub.self_attention.submodules.linear_qkv = TEColumnParallelLinear
@@ -58,22 +63,38 @@ def _te_submodules(cfg):
     return sub, TENorm
 
 
-def layer_spec(cfg, use_te: bool) -> tuple[ModuleSpec, type]:
-    """(TransformerLayer spec, final-norm class) for cfg.attention.type."""
-    sub, final_norm = _te_submodules(cfg) if use_te else _local_submodules(cfg)
+def is_moe_layer(cfg, layer: int) -> bool:
+    """Whether 0-based `layer` has a MoE FFN (megatron-core's moe_layer_freq rule)."""
+    m = cfg.model
+    if m.num_moe_experts is None:
+        return False
+    freq = m.moe_layer_freq
+    return bool(freq[layer]) if isinstance(freq, (list, tuple)) else layer % freq == 0
+
+
+def is_msa_layer(cfg, layer: int) -> bool:
+    return cfg.attention.type == "msa" and layer not in cfg.attention.dense_layers
+
+
+def layer_spec(cfg, use_te: bool, layer: int = 0) -> tuple[ModuleSpec, type]:
+    """(TransformerLayer spec, final-norm class) of 0-based `layer`."""
+    moe = is_moe_layer(cfg, layer)
+    sub, final_norm = _te_submodules(cfg, moe) if use_te else _local_submodules(cfg, moe)
     attn = sub.self_attention
-    if cfg.attention.type == "msa":
+    core_args = {"msa": cfg.attention, "num_query_groups": cfg.model.num_query_groups}
+    if is_msa_layer(cfg, layer):
         attn.module = MSASelfAttention
         attn.params = {**attn.params, "msa": cfg.attention}
-        core = MSACoreAttention
+        attn.submodules.core_attention = functools.partial(MSACoreAttention, **core_args)
     else:
-        core = PackedCoreAttention
-    attn.submodules.core_attention = functools.partial(core, msa=cfg.attention)
+        attn.module = PackedSelfAttention
+        attn.submodules.core_attention = functools.partial(PackedCoreAttention, **core_args)
     return ModuleSpec(module=TransformerLayer, submodules=sub), final_norm
 
 
-def block_spec(cfg, tconfig, use_te: bool, pp_rank=None) -> TransformerBlockSubmodules:
-    spec, final_norm = layer_spec(cfg, use_te)
-    n = get_num_layers_to_build(tconfig, vp_stage=None, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=final_norm)
-
+def block_spec(cfg, tconfig, use_te: bool, vp_stage=None, pp_rank=None) -> TransformerBlockSubmodules:
+    """Specs of the layers this pipeline stage (and virtual stage) builds."""
+    first = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
+    n = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
+    specs = [layer_spec(cfg, use_te, layer)[0] for layer in range(first, first + n)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=layer_spec(cfg, use_te)[1])

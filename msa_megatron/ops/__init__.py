@@ -8,6 +8,9 @@ reference elsewhere. All tensors are packed THD (see ops/reference.py for shapes
 - ``sparse_attention`` main branch over the selection: (o, lse), differentiable in q, k, v
 - ``dense_attention``  causal attention inside each document: (o, lse), differentiable in q, k, v
 - ``indexer_kl``       KL(teacher || index) scalar, differentiable in qi, ki only
+
+Every function takes an optional ``qpos`` [Tq]: the key row of each query when a rank keeps only
+some of the queries (context parallelism; see ops/reference.py). None: queries = key rows.
 """
 
 from __future__ import annotations
@@ -55,34 +58,42 @@ def _triton():
     return triton_ops
 
 
-def select_blocks(qi, ki, cu_seqlens, shape: MSAShape, backend: str):
+def _triton_kwargs(qpos):
+    """qpos only when given, so a Triton backend without context-parallel support still serves CP 1."""
+    return {} if qpos is None else {"qpos": qpos}
+
+
+def select_blocks(qi, ki, cu_seqlens, shape: MSAShape, backend: str, qpos=None):
     if backend == "triton":
-        return _triton().select_blocks(qi, ki, cu_seqlens, shape)
-    return reference.msa_indexer(qi, ki, cu_seqlens, shape.block_size, shape.topk, shape.index_scale)
+        return _triton().select_blocks(qi, ki, cu_seqlens, shape, **_triton_kwargs(qpos))
+    return reference.msa_indexer(qi, ki, cu_seqlens, shape.block_size, shape.topk, shape.index_scale, qpos=qpos)
 
 
-def sparse_attention(q, k, v, topk, cu_seqlens, shape: MSAShape, backend: str):
+def sparse_attention(q, k, v, topk, cu_seqlens, shape: MSAShape, backend: str, qpos=None):
     if backend == "triton":
-        return _triton().sparse_attention(q, k, v, topk, cu_seqlens, shape)
-    return reference.sparse_attention(q, k, v, topk, cu_seqlens, shape.block_size, shape.softmax_scale)
+        return _triton().sparse_attention(q, k, v, topk, cu_seqlens, shape, **_triton_kwargs(qpos))
+    return reference.sparse_attention(q, k, v, topk, cu_seqlens, shape.block_size, shape.softmax_scale, qpos=qpos)
 
 
-def dense_attention(q, k, v, cu_seqlens, shape: MSAShape, backend: str):
+def dense_attention(q, k, v, cu_seqlens, shape: MSAShape, backend: str, qpos=None):
     if backend == "triton":
-        return _triton().dense_attention(q, k, v, cu_seqlens, shape)
-    return reference.dense_attention(q, k, v, cu_seqlens, shape.softmax_scale)
+        return _triton().dense_attention(q, k, v, cu_seqlens, shape, **_triton_kwargs(qpos))
+    return reference.dense_attention(q, k, v, cu_seqlens, shape.softmax_scale, qpos=qpos)
 
 
-def indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape: MSAShape, backend: str, total_groups: Optional[int] = None):
+def indexer_kl(
+    q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape: MSAShape, backend: str, total_groups: Optional[int] = None, qpos=None
+):
     """KL value; its backward reaches qi and ki only. topk=None: dense-warmup support.
 
-    ``lse`` (main branch, [T, Hq]) and ``index_lse`` ([G, T], over the same support; None in the
+    ``lse`` (main branch, [Tq, Hq]) and ``index_lse`` ([G, Tq], over the same support; None in the
     dense stage, where the backend computes it) let fused kernels rebuild both distributions
-    without a second softmax pass; the reference ignores them.
+    without a second softmax pass; the reference ignores them. Normalised by the key-row count
+    times total_groups (MSA.md step 7), so ranks holding parts of the queries or groups sum to it.
     """
     if backend == "triton":
-        return _triton().indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape, total_groups)
+        return _triton().indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape, total_groups, **_triton_kwargs(qpos))
     return reference.indexer_kl(
-        q, k, qi, ki, cu_seqlens, topk, shape.block_size, shape.softmax_scale, shape.index_scale, total_groups
+        q, k, qi, ki, cu_seqlens, topk, shape.block_size, shape.softmax_scale, shape.index_scale, total_groups, qpos=qpos
     )
 

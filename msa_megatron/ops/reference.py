@@ -6,9 +6,13 @@ from each document's start. Work is split into query chunks so that an 8K-token 
 CPU in seconds and no [T, T] tensor is ever built: a chunk only sees keys from the first document
 start it touches up to its last query.
 
-Shapes: q [T, Hq, d], k/v [T, Hkv, d], qi [T, Hkv, di], ki [T, 1, di],
-topk int32 [Hkv, T, k] (selected non-local ids, then the local block, then -1),
-lse fp32-or-wider [T, Hq] (natural log). Query head h belongs to group h // (Hq // Hkv).
+Shapes: q [Tq, Hq, d], k/v [T, Hkv, d], qi [Tq, Hkv, di], ki [T, 1, di],
+topk int32 [Hkv, Tq, k] (selected non-local ids, then the local block, then -1),
+lse fp32-or-wider [Tq, Hq] (natural log). Query head h belongs to group h // (Hq // Hkv).
+
+Queries may be a subset of the key rows (context parallelism: a rank keeps its own queries and
+sees every key): ``qpos`` [Tq] gives each query's row in the key tensors (strictly increasing);
+None means Tq == T and query i is key row i. ``cu_seqlens`` always delimits the key rows.
 
 Half-precision inputs are computed in float32 and returned in their own dtype; float64 stays
 float64 (tests use it as the oracle).
@@ -30,11 +34,12 @@ DEFAULT_CHUNK = 256
 
 @dataclass(frozen=True)
 class DocLayout:
-    """Per-token document bookkeeping for a packed batch."""
+    """Per-token document bookkeeping for a packed batch (keys, or queries via `query_layout`)."""
 
-    doc_id: torch.Tensor  # [T] long, which document a token belongs to
-    doc_start: torch.Tensor  # [T] long, packed index of that document's first token
-    pos: torch.Tensor  # [T] long, position inside the document
+    doc_id: torch.Tensor  # [N] long, which document a token belongs to
+    doc_start: torch.Tensor  # [N] long, key row of that document's first token
+    pos: torch.Tensor  # [N] long, position inside the document
+    row: torch.Tensor  # [N] long, the token's key row
 
     @property
     def total(self) -> int:
@@ -52,9 +57,20 @@ def doc_layout(cu_seqlens: torch.Tensor, total: int) -> DocLayout:
         raise ValueError(f"cu_seqlens must be non-decreasing; got {cu.tolist()}")
     doc_id = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     doc_start = cu[:-1][doc_id]
-    pos = torch.arange(total) - doc_start
+    row = torch.arange(total)
+    pos = row - doc_start
     dev = cu_seqlens.device
-    return DocLayout(doc_id.to(dev), doc_start.to(dev), pos.to(dev))
+    return DocLayout(doc_id.to(dev), doc_start.to(dev), pos.to(dev), row.to(dev))
+
+
+def query_layout(keys: DocLayout, qpos: Optional[torch.Tensor]) -> DocLayout:
+    """The layout of the queries: the keys' own (qpos None) or the key rows qpos picks."""
+    if qpos is None:
+        return keys
+    rows = qpos.to(device=keys.row.device, dtype=torch.long)
+    if rows.dim() != 1 or (rows.numel() and (rows[0] < 0 or rows[-1] >= keys.total)) or (rows[1:] <= rows[:-1]).any():
+        raise ValueError(f"qpos must be strictly increasing key rows in [0, {keys.total}); got {rows.tolist()[:8]}...")
+    return DocLayout(keys.doc_id[rows], keys.doc_start[rows], keys.pos[rows], rows)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -64,19 +80,18 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 @dataclass(frozen=True)
 class _Chunk:
     q: slice  # query rows [a, b)
-    kv: slice  # key rows [ks, b): earliest document start of the chunk up to its last query
+    kv: slice  # key rows from the chunk's earliest document start up to its last query's row
     visible: torch.Tensor  # [C, K] bool: same document and causal
 
 
-def _chunks(layout: DocLayout, chunk: int) -> Iterator[_Chunk]:
-    total = layout.total
-    for a in range(0, total, chunk):
-        b = min(a + chunk, total)
-        ks = int(layout.doc_start[a])
-        qi = torch.arange(a, b, device=layout.pos.device)
-        kj = torch.arange(ks, b, device=layout.pos.device)
-        visible = (layout.doc_id[qi, None] == layout.doc_id[None, kj]) & (kj[None, :] <= qi[:, None])
-        yield _Chunk(slice(a, b), slice(ks, b), visible)
+def _chunks(queries: DocLayout, keys: DocLayout, chunk: int) -> Iterator[_Chunk]:
+    for a in range(0, queries.total, chunk):
+        b = min(a + chunk, queries.total)
+        ks, ke = int(queries.doc_start[a]), int(queries.row[b - 1]) + 1
+        kj = torch.arange(ks, ke, device=keys.pos.device)
+        qrow = queries.row[a:b]
+        visible = (queries.doc_id[a:b, None] == keys.doc_id[None, kj]) & (kj[None, :] <= qrow[:, None])
+        yield _Chunk(slice(a, b), slice(ks, ke), visible)
 
 
 def _local_block(layout: DocLayout, block_size: int) -> torch.Tensor:
@@ -106,15 +121,16 @@ def index_block_scores(
     block_size: int,
     index_scale: Optional[float] = None,
     chunk: int = DEFAULT_CHUNK,
+    qpos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Block scores S [G, T, NB]: max over visible tokens of each document-local block (-inf if none)."""
+    """Block scores S [G, Tq, NB]: max over visible tokens of each document-local block (-inf if none)."""
     total, groups, di = qi.shape
     index_scale = 1.0 / math.sqrt(di) if index_scale is None else index_scale
-    layout = doc_layout(cu_seqlens, total)
+    keys = doc_layout(cu_seqlens, ki.shape[0])
     nb = num_blocks(cu_seqlens, block_size)
     out = torch.full((groups, total, nb), float("-inf"), dtype=_compute_dtype(qi), device=qi.device)
-    key_block = layout.pos // block_size
-    for ch in _chunks(layout, chunk):
+    key_block = keys.pos // block_size
+    for ch in _chunks(query_layout(keys, qpos), keys, chunk):
         s = index_scores_chunk(qi, ki, ch, index_scale)
         idx = key_block[ch.kv].view(1, 1, -1).expand_as(s)
         blk = torch.full_like(out[:, ch.q], float("-inf"))
@@ -122,16 +138,18 @@ def index_block_scores(
     return out
 
 
-def select_blocks(block_scores: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
-    """Top-k selection in the contract layout: [G, T, k] int32.
+def select_blocks(
+    block_scores: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int, qpos: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Top-k selection in the contract layout: [G, Tq, k] int32.
 
     The local block L = pos // Bk is always kept and written in the last valid slot; the other
     slots hold the top-(k-1) visible non-local blocks by raw score (ties: lower block id first),
     then -1 padding. Valid slots = min(L + 1, k).
     """
     groups, total, nb = block_scores.shape
-    layout = doc_layout(cu_seqlens, total)
-    local = _local_block(layout, block_size)  # [T]
+    keys = doc_layout(cu_seqlens, int(cu_seqlens[-1]))
+    local = _local_block(query_layout(keys, qpos), block_size)  # [Tq]
     block_ids = torch.arange(nb, device=block_scores.device)
     candidate = block_scores.clone()
     not_candidate = block_ids[None, :] >= local[:, None]  # the local block and everything after it
@@ -158,12 +176,12 @@ def _selected_mask_chunk(topk: torch.Tensor, ch: _Chunk, key_block: torch.Tensor
     return chosen.gather(-1, kb) & ch.visible
 
 
-def _support_masks(topk, cu_seqlens, total, block_size, chunk):
+def _support_masks(topk, cu_seqlens, n_keys, block_size, chunk, qpos=None):
     """Yield (chunk, support mask [G, C, K]); support = all visible tokens when topk is None."""
-    layout = doc_layout(cu_seqlens, total)
-    key_block = layout.pos // block_size
+    keys = doc_layout(cu_seqlens, n_keys)
+    key_block = keys.pos // block_size
     nb = num_blocks(cu_seqlens, block_size)
-    for ch in _chunks(layout, chunk):
+    for ch in _chunks(query_layout(keys, qpos), keys, chunk):
         if topk is None:
             yield ch, ch.visible.unsqueeze(0)
         else:
@@ -171,37 +189,37 @@ def _support_masks(topk, cu_seqlens, total, block_size, chunk):
 
 
 def index_lse(
-    qi, ki, topk, cu_seqlens, block_size, index_scale=None, chunk=DEFAULT_CHUNK
+    qi, ki, topk, cu_seqlens, block_size, index_scale=None, chunk=DEFAULT_CHUNK, qpos=None
 ) -> torch.Tensor:
-    """Log-sum-exp of the index scores over the support: [G, T]. topk=None: all visible tokens."""
+    """Log-sum-exp of the index scores over the support: [G, Tq]. topk=None: all visible tokens."""
     total, groups, di = qi.shape
     index_scale = 1.0 / math.sqrt(di) if index_scale is None else index_scale
     out = torch.empty(groups, total, dtype=_compute_dtype(qi), device=qi.device)
-    for ch, support in _support_masks(topk, cu_seqlens, total, block_size, chunk):
+    for ch, support in _support_masks(topk, cu_seqlens, ki.shape[0], block_size, chunk, qpos):
         s = index_scores_chunk(qi, ki, ch, index_scale).masked_fill(~support, float("-inf"))
         out[:, ch.q] = torch.logsumexp(s, dim=-1)
     return out
 
 
 @torch.no_grad()
-def msa_indexer(qi, ki, cu_seqlens, block_size, topk, index_scale=None, chunk=DEFAULT_CHUNK):
-    """Indexer: (topk [G, T, k] int32, index lse over the selected support [G, T] float)."""
-    scores = index_block_scores(qi, ki, cu_seqlens, block_size, index_scale, chunk)
-    sel = select_blocks(scores, cu_seqlens, block_size, topk)
-    return sel, index_lse(qi, ki, sel, cu_seqlens, block_size, index_scale, chunk)
+def msa_indexer(qi, ki, cu_seqlens, block_size, topk, index_scale=None, chunk=DEFAULT_CHUNK, qpos=None):
+    """Indexer: (topk [G, Tq, k] int32, index lse over the selected support [G, Tq] float)."""
+    scores = index_block_scores(qi, ki, cu_seqlens, block_size, index_scale, chunk, qpos)
+    sel = select_blocks(scores, cu_seqlens, block_size, topk, qpos)
+    return sel, index_lse(qi, ki, sel, cu_seqlens, block_size, index_scale, chunk, qpos)
 
 
 # --------------------------------------------------------------------------- main branch
 
 
-def _attention(q, k, v, topk, cu_seqlens, block_size, softmax_scale, chunk):
+def _attention(q, k, v, topk, cu_seqlens, block_size, softmax_scale, chunk, qpos):
     total, hq, d = q.shape
     groups = k.shape[1]
     r = hq // groups
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
     cd = _compute_dtype(q)
     outs, lses = [], []
-    for ch, support in _support_masks(topk, cu_seqlens, total, block_size, chunk):
+    for ch, support in _support_masks(topk, cu_seqlens, k.shape[0], block_size, chunk, qpos):
         kc = k[ch.kv].to(cd).repeat_interleave(r, dim=1)  # [K, Hq, d]
         vc = v[ch.kv].to(cd).repeat_interleave(r, dim=1)
         s = torch.einsum("chd,khd->hck", q[ch.q].to(cd), kc) * scale
@@ -211,17 +229,19 @@ def _attention(q, k, v, topk, cu_seqlens, block_size, softmax_scale, chunk):
         p = torch.exp(s - lse.unsqueeze(-1))
         outs.append(torch.einsum("hck,khd->chd", p, vc))
         lses.append(lse.transpose(0, 1))
+    if not outs:  # no queries
+        return q.new_zeros(q.shape), torch.zeros(0, hq, dtype=cd, device=q.device)
     return torch.cat(outs).to(q.dtype), torch.cat(lses)
 
 
-def sparse_attention(q, k, v, topk, cu_seqlens, block_size, softmax_scale=None, chunk=DEFAULT_CHUNK):
-    """Exact softmax attention of each head over its group's selected blocks: (o [T, Hq, d], lse [T, Hq])."""
-    return _attention(q, k, v, topk, cu_seqlens, block_size, softmax_scale, chunk)
+def sparse_attention(q, k, v, topk, cu_seqlens, block_size, softmax_scale=None, chunk=DEFAULT_CHUNK, qpos=None):
+    """Exact softmax attention of each head over its group's selected blocks: (o [Tq, Hq, d], lse [Tq, Hq])."""
+    return _attention(q, k, v, topk, cu_seqlens, block_size, softmax_scale, chunk, qpos)
 
 
-def dense_attention(q, k, v, cu_seqlens, softmax_scale=None, chunk=DEFAULT_CHUNK):
-    """Dense causal GQA attention inside each document: (o [T, Hq, d], lse [T, Hq])."""
-    return _attention(q, k, v, None, cu_seqlens, 1, softmax_scale, chunk)
+def dense_attention(q, k, v, cu_seqlens, softmax_scale=None, chunk=DEFAULT_CHUNK, qpos=None):
+    """Dense causal GQA attention inside each document: (o [Tq, Hq, d], lse [Tq, Hq])."""
+    return _attention(q, k, v, None, cu_seqlens, 1, softmax_scale, chunk, qpos)
 
 
 # --------------------------------------------------------------------------- KL alignment
@@ -262,17 +282,20 @@ def indexer_kl(
     index_scale=None,
     total_groups=None,
     chunk=DEFAULT_CHUNK,
+    qpos=None,
 ) -> torch.Tensor:
     """KL(P_T || P_idx) summed over (query, group) / (T * total_groups), differentiable in qi, ki only.
 
     topk=None gives the dense-warmup support (all visible tokens of the document). q and k are
-    used detached. total_groups defaults to the local group count; a tensor-parallel rank that
-    owns a slice of the groups passes the global count so that the ranks' values sum to the KL.
+    used detached. T is the number of key rows (all tokens of the micro-batch, also when qpos
+    keeps a subset of the queries) and total_groups defaults to the local group count: ranks that
+    own a slice of the queries (context parallel) or of the groups (tensor parallel) pass the global
+    count, so that the ranks' values sum to the KL.
     """
-    total, groups = q.shape[0], qi.shape[1]
+    total, groups = k.shape[0], qi.shape[1]
     scale, index_scale, total_groups = _kl_constants(q, qi, softmax_scale, index_scale, total_groups)
     acc = qi.new_zeros((), dtype=_compute_dtype(qi))
-    for ch, support in _support_masks(topk, cu_seqlens, total, block_size, chunk):
+    for ch, support in _support_masks(topk, cu_seqlens, total, block_size, chunk, qpos):
         support = support.expand(groups, -1, -1)
         p_t, logp_idx = _teacher_and_student_logp(q.detach(), k.detach(), qi, ki, ch, support, scale, index_scale)
         # xlogy gives 0 where the teacher has no mass; masked tokens contribute nothing.
@@ -294,19 +317,20 @@ def indexer_kl_grads(
     total_groups=None,
     coeff=1.0,
     chunk=DEFAULT_CHUNK,
+    qpos=None,
 ):
     """Closed-form gradient of coeff * indexer_kl w.r.t. (qi, ki): ds = P_idx - P_T on the support.
 
     This is the formula the fused KL-backward kernels implement (MSA.md step 7).
     """
-    total, groups = q.shape[0], qi.shape[1]
+    total, groups = k.shape[0], qi.shape[1]
     scale, index_scale, total_groups = _kl_constants(q, qi, softmax_scale, index_scale, total_groups)
     cd = _compute_dtype(qi)
     grad_scale = coeff * index_scale / (total * total_groups)
     dqi = torch.zeros(qi.shape, dtype=cd, device=qi.device)
     dki = torch.zeros(ki.shape, dtype=cd, device=ki.device)
     with torch.no_grad():
-        for ch, support in _support_masks(topk, cu_seqlens, total, block_size, chunk):
+        for ch, support in _support_masks(topk, cu_seqlens, total, block_size, chunk, qpos):
             support = support.expand(groups, -1, -1)
             p_t, logp_idx = _teacher_and_student_logp(q, k, qi, ki, ch, support, scale, index_scale)
             ds = (torch.exp(logp_idx) - p_t) * grad_scale  # [G, C, K]
@@ -319,7 +343,7 @@ def indexer_kl_grads(
 
 
 @torch.no_grad()
-def selection_recall(q, k, topk, cu_seqlens, block_size, softmax_scale=None, chunk=DEFAULT_CHUNK):
+def selection_recall(q, k, topk, cu_seqlens, block_size, softmax_scale=None, chunk=DEFAULT_CHUNK, qpos=None):
     """Paper section 5 recall of the index selection against the main branch's own top-k.
 
     For every (query, group) whose document prefix has more than k blocks (below that both sets
@@ -332,14 +356,15 @@ def selection_recall(q, k, topk, cu_seqlens, block_size, softmax_scale=None, chu
     groups, _, kk = topk.shape
     r = hq // groups
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-    layout = doc_layout(cu_seqlens, total)
-    key_block = layout.pos // block_size
+    keys = doc_layout(cu_seqlens, k.shape[0])
+    queries = query_layout(keys, qpos)
+    key_block = keys.pos // block_size
     nb = num_blocks(cu_seqlens, block_size)
     cd = _compute_dtype(q)
     block_hits = score_hits = 0.0
     count = 0
-    for ch in _chunks(layout, chunk):
-        eligible = (layout.pos[ch.q] // block_size) + 1 > kk  # [C]
+    for ch in _chunks(queries, keys, chunk):
+        eligible = (queries.pos[ch.q] // block_size) + 1 > kk  # [C]
         if not eligible.any():
             continue
         kc = k[ch.kv].to(cd).repeat_interleave(r, dim=1)

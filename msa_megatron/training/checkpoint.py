@@ -66,8 +66,15 @@ def latest_step(root: Optional[str]) -> Optional[int]:
     return step
 
 
-def _unwrap(model):
-    return model.module  # DDP -> GPTModel (or Float16Module, which forwards sharded_state_dict)
+def _chunk_key(i: int, n: int) -> str:
+    """State-dict key of model chunk i of n (megatron-LM's convention: "model", or "model0".."model{n-1}")."""
+    return "model" if n == 1 else f"model{i}"
+
+
+def model_state_dicts(chunks) -> dict:
+    """{chunk key: sharded state dict} of DDP-wrapped model chunks. Tensor keys are global layer
+    names, so a checkpoint written with one pipeline layout loads into another."""
+    return {_chunk_key(i, len(chunks)): c.module.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _rank0() -> bool:
@@ -92,9 +99,9 @@ def save(trainer, state: TrainState, wandb_run_id: Optional[str] = None) -> str:
             shutil.rmtree(path)
         os.makedirs(path)
     dist.barrier()
-    model_sd = _unwrap(trainer.model).sharded_state_dict()
+    model_sd = model_state_dicts(trainer.model)
     sharded = {
-        "model": model_sd,
+        **model_sd,
         "optimizer": trainer.optimizer.sharded_state_dict(model_sd),
         "scheduler": trainer.scheduler.state_dict(),
         "train_state": asdict(state),
@@ -137,29 +144,34 @@ def resume(trainer, root: str) -> Optional[TrainState]:
     if step is None:
         return None
     path = iteration_dir(root, step)
-    model = _unwrap(trainer.model)
-    model_sd = model.sharded_state_dict()
-    sharded = {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    model_sd = model_state_dicts(trainer.model)
+    sharded = {**model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)}
     loaded = _load(sharded, path, "checkpoint.load", root, strict=StrictHandling.RAISE_ALL)
-    model.load_state_dict(loaded["model"])
+    for key, chunk in zip(model_sd, trainer.model):
+        chunk.module.load_state_dict(loaded[key])
     trainer.optimizer.load_state_dict(loaded["optimizer"])
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     return TrainState(**loaded["train_state"])
 
 
-def init_weights(model, root: str, allow_missing: list) -> list:
-    """Load weights into `model` (unwrapped, before the optimizer is built) from a checkpoint
-    directory or its parent with a tracker; returns the keys that keep their fresh initialisation."""
+def init_weights(models, root: str, allow_missing: list) -> list:
+    """Load weights into `models` (unwrapped model chunks, or one model, before the optimizer is
+    built) from a checkpoint directory or its parent with a tracker; returns the keys that keep
+    their fresh initialisation. Collective: every rank calls it."""
+    models = models if isinstance(models, (list, tuple)) else [models]
     path = _resolve_weights_dir(root)
-    model_sd = model.sharded_state_dict()
+    model_sds = [m.sharded_state_dict() for m in models]
     available = set(load_sharded_metadata(path))
-    ids = {name: _checkpoint_id(e) for name, e in model_sd.items() if _checkpoint_id(e) is not None}
-    wanted, fresh = {}, []
-    for name, entry in model_sd.items():
-        if name in ids and ids[name] not in available:
-            fresh.append(ids[name])  # keeps its initialisation, if the allow-list permits
-        else:
-            wanted[name] = entry
+    wanted, fresh, model_keys = [{} for _ in models], [], set()
+    for i, sd in enumerate(model_sds):
+        for name, entry in sd.items():
+            key = _checkpoint_id(entry)
+            if key is not None:
+                model_keys.add(key)
+            if key is not None and key not in available:
+                fresh.append(key)  # keeps its initialisation, if the allow-list permits
+            else:
+                wanted[i][name] = entry
     not_allowed = [k for k in fresh if not _allowed(k, allow_missing)]
     if not_allowed:
         raise CheckpointError(
@@ -167,24 +179,29 @@ def init_weights(model, root: str, allow_missing: list) -> list:
             + ", ".join(sorted(not_allowed)[:8])
             + (" ..." if len(not_allowed) > 8 else "")
         )
-    model_keys = set(ids.values())
-    model_prefixes = {k.split(".")[0] for k in model_keys}
-    extra = sorted(k for k in available - model_keys if k.split(".")[0] in model_prefixes)
+    # Pipeline stages hold different layers: a tensor is extra only if no rank's model has it.
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(model_keys))
+    all_model_keys = set().union(*map(set, everyone))
+    model_prefixes = {k.split(".")[0] for k in all_model_keys}
+    extra = sorted(k for k in available - all_model_keys if k.split(".")[0] in model_prefixes)
     if extra:
         raise CheckpointError(f"{path} holds {len(extra)} tensors this model does not have: " + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
     shapes = dist_checkpointing.load_tensors_metadata(path)
-    for entry in wanted.values():
+    for entry in (e for w in wanted for e in w.values()):
         if isinstance(entry, ShardedTensor) and tuple(shapes[entry.key].global_shape) != tuple(entry.global_shape):
             raise CheckpointError(
                 f"checkpoint.init_from={root!r}: {entry.key} has shape {tuple(shapes[entry.key].global_shape)} "
                 f"in the checkpoint but {tuple(entry.global_shape)} in this model"
             )
-    loaded = _load({"model": wanted}, path, "checkpoint.init_from", root)["model"]
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    unexplained = [k for k in missing if not _allowed(k, allow_missing) and not k.endswith("_extra_state")]
-    if unexplained or unexpected:
-        raise CheckpointError(f"{path}: loading left {unexplained + list(unexpected)} unmatched")
-    return sorted(fresh)
+    request = {_chunk_key(i, len(models)): w for i, w in enumerate(wanted)}
+    loaded = _load(request, path, "checkpoint.init_from", root)
+    for (key, _), model in zip(request.items(), models):
+        missing, unexpected = model.load_state_dict(loaded[key], strict=False)
+        unexplained = [k for k in missing if not _allowed(k, allow_missing) and not k.endswith("_extra_state")]
+        if unexplained or unexpected:
+            raise CheckpointError(f"{path}: loading left {unexplained + list(unexpected)} unmatched")
+    return sorted(set(fresh))
 
 
 def _load(sharded, path: str, key: str, root: str, **kwargs):

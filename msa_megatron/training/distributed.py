@@ -12,6 +12,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from msa_megatron import cpu_compat
+from msa_megatron.parallel import replicas
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ def init_distributed(cfg) -> Topology:
         context_parallel_size=p.context_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
     )
+    replicas.initialize(cfg.model.num_query_groups)
     seed = cfg.train.seed
     if on_gpu:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -68,7 +71,10 @@ def topology() -> Topology:
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
-        is_logger=last_stage and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0,
+        is_logger=last_stage
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0,
     )
 
 

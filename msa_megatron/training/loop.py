@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-import os
 import time
 
 import torch
@@ -30,6 +30,7 @@ from msa_megatron.model.attention import msa_core_attentions, set_measure_recall
 from msa_megatron.model.builder import build_model
 from msa_megatron.training import checkpoint
 from msa_megatron.training.checkpoint import TrainState
+from msa_megatron.parallel.context import lm_loss_scale
 from msa_megatron.training.distributed import init_distributed, shutdown
 from msa_megatron.training.metrics import MetricsWriter
 from msa_megatron.training.signals import ExitRequest
@@ -51,18 +52,31 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def lm_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """3-tuple loss: (sum of masked token losses, token count, report). The schedule averages."""
+def lm_loss_func(loss_mask: torch.Tensor, output: torch.Tensor, cp_group=None):
+    """3-tuple loss: (sum of masked token losses, token count, report). The schedule averages.
+
+    Under context parallelism the count is the micro-batch's (all CP ranks) and the sum is scaled
+    by the CP size, which DDP's average over CP undoes (parallel/context.lm_loss_scale).
+    """
     mask = loss_mask.view(-1).float()
     loss_sum = (output.view(-1).float() * mask).sum()
     count = mask.sum()
-    return loss_sum, count.to(torch.int), {"lm_loss": torch.stack([loss_sum.detach().clone(), count.detach()])}
+    report = {"lm_loss": torch.stack([loss_sum.detach().clone(), count.detach()])}
+    if cp_group is not None and cp_group.size() > 1:
+        total, cp = lm_loss_scale(loss_mask, cp_group)
+        return loss_sum * cp, total.to(torch.int), report
+    return loss_sum, count.to(torch.int), report
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, sample_len: int = 0):
+    """One micro-batch through this stage's model chunk; CP ranks keep their share of the tokens."""
     batch = next(data_iterator).to(_device())
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        batch = batch.split_for_context_parallel(sample_len, cp, ps.get_context_parallel_rank())
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels, packed_seq_params=batch.packed_seq_params())
-    return output, functools.partial(lm_loss_func, batch.loss_mask)
+    cp_group = ps.get_context_parallel_group() if cp > 1 else None
+    return output, functools.partial(lm_loss_func, batch.loss_mask, cp_group=cp_group)
 
 
 class Trainer:
@@ -72,25 +86,29 @@ class Trainer:
         self.num_microbatches = num_microbatches(cfg, topo.world_size)
         cpu_init = cfg.model.use_cpu_initialization or not torch.cuda.is_available()
         self.tconfig = to_transformer_config(cfg, use_cpu_initialization=cpu_init)
-        model = build_model(cfg, self.tconfig)
+        vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+        stages = [None] if not vpp else list(range(vpp))  # virtual pipeline: one model chunk per stage
+        chunks = [build_model(cfg, self.tconfig, vp_stage=v) for v in stages]
         self.state = TrainState()
         resuming = checkpoint.latest_step(cfg.checkpoint.load) is not None
         if cfg.checkpoint.init_from and not resuming:  # before the optimizer copies the weights
-            fresh = checkpoint.init_weights(model, cfg.checkpoint.init_from, cfg.checkpoint.init_allow_missing)
+            fresh = checkpoint.init_weights(chunks, cfg.checkpoint.init_from, cfg.checkpoint.init_allow_missing)
             self._say(f"initialised weights from {cfg.checkpoint.init_from}; freshly initialised: {len(fresh)} tensors")
-        self.model = DistributedDataParallel(
-            config=self.tconfig,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
-                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            ),
-            module=model,
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         )
+        # `self.model`: the model chunks of this rank, DDP-wrapped (one unless virtual pipeline).
+        self.model = [
+            DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        self.tconfig.no_sync_func = self.model.no_sync
+        no_sync = [chunk.no_sync for chunk in self.model]
+        self.tconfig.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         if resuming:
             self.state = checkpoint.resume(self, cfg.checkpoint.load)
@@ -102,6 +120,7 @@ class Trainer:
             cfg, dp_rank=topo.dp_rank, dp_size=topo.dp_size, consumed_microbatches=self.state.step * self.num_microbatches
         )
         self.metrics = MetricsWriter(cfg, cfg.output_dir, active=topo.is_logger)
+        self.forward_step = functools.partial(forward_step, sample_len=cfg.data.seq_length)
         self.msa_layers = msa_core_attentions(self.model)
         self.exit_request = ExitRequest(_device())
 
@@ -123,7 +142,7 @@ class Trainer:
         overrides = None
         if o.index_lr is not None:  # the index projections' own LR: a param group, not freezing
             overrides = {ParamKey(name="*.indexer.*"): {"max_lr": o.index_lr, "min_lr": o.index_lr * o.min_lr / o.lr}}
-        return get_megatron_optimizer(config, [self.model], config_overrides=overrides)
+        return get_megatron_optimizer(config, self.model, config_overrides=overrides)
 
     def _build_scheduler(self):
         o, gbs, steps = self.cfg.optim, self.cfg.train.global_batch_size, self.cfg.train.steps
@@ -152,12 +171,13 @@ class Trainer:
         set_sparse_stage(self.model, is_sparse_stage(cfg, state.consumed_tokens))
         interval = cfg.attention.recall_interval
         set_measure_recall(self.model, interval > 0 and (state.step + 1) % interval == 0)
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=self.data.train,
-            model=[self.model],
+            forward_step_func=self.forward_step,
+            data_iterator=self._per_chunk(self.data.train),
+            model=self.model,
             num_microbatches=self.num_microbatches,
             seq_length=cfg.train.micro_batch_size * cfg.data.seq_length,
             micro_batch_size=1,
@@ -168,6 +188,11 @@ class Trainer:
         state.step += 1
         state.consumed_tokens += tokens_per_step(cfg)
         return losses, grad_norm
+
+    def _per_chunk(self, iterator):
+        """The schedule's data iterator(s): with virtual pipeline every model chunk reads the same
+        micro-batches, each through its own iterator."""
+        return list(itertools.tee(iterator, len(self.model))) if len(self.model) > 1 else iterator
 
     def train(self) -> dict:
         cfg, state = self.cfg, self.state
@@ -265,19 +290,21 @@ class Trainer:
         """LM and KL loss over the validation stream, in the stage of the current step."""
         batches = list(self.data.valid())
         set_measure_recall(self.model, False)
-        self.model.eval()
+        for chunk in self.model:
+            chunk.eval()
         try:
             losses = get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=iter(batches),
-                model=[self.model],
+                forward_step_func=self.forward_step,
+                data_iterator=self._per_chunk(iter(batches)),
+                model=self.model,
                 num_microbatches=len(batches),
                 seq_length=self.cfg.train.micro_batch_size * self.cfg.data.seq_length,
                 micro_batch_size=1,
                 forward_only=True,
             )
         finally:
-            self.model.train()
+            for chunk in self.model:
+                chunk.train()
         if self.cfg.model.num_moe_experts is not None:
             get_moe_metrics_tracker().clear()  # router stats of validation are not training stats
         window = _Window()
