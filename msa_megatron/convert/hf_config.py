@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from msa_megatron.config import AttentionConfig, ModelConfig, RunConfig
+from msa_megatron.config import ModelConfig, RunConfig
 from msa_megatron.convert import ConvertError
+from msa_megatron.model.specs import is_moe_layer, is_msa_layer
 
 # model_type -> architectures entry (what transformers instantiates)
 ARCHITECTURES = {
@@ -45,10 +46,6 @@ class SourceModel:
     attention: dict = field(default_factory=dict)  # attention.* keys (MiniMax-M3 sources)
     vocab_rows: int = 0  # rows of the source's embedding (before our padding)
     moe_layers: list = field(default_factory=list)  # per layer: MoE MLP?
-
-
-def _schema_keys(cls) -> set:
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def text_config(config: dict) -> dict:
@@ -82,6 +79,11 @@ def model_from_hf(config: dict, name: str) -> SourceModel:
         )
     c = text_config(config)
     prefix = "text_config." if model_type == M3 else ""
+    if model_type == M3 and not c.get(OURS_KEY):
+        raise ConvertError(
+            "config.json: MiniMax-M3 checkpoints use clamped SwiGLU-OAI MLPs and sigmoid routing, which model.* cannot "
+            f"express; only files written by tools/convert.py export (with a text_config.{OURS_KEY} block) import"
+        )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(c.get(key), int):
             raise ConvertError(f"config.json {prefix}{key}: missing or not an integer")
@@ -132,8 +134,9 @@ def _moe_from_hf(model_type: str, c: dict, m: dict, prefix: str) -> list:
         _refuse_if(not c.get("norm_topk_prob", False), f"{prefix}norm_topk_prob", c.get("norm_topk_prob"), "softmax-then-top-k without renormalisation is not supported (megatron's top-k softmax renormalises)")
         step = c.get("decoder_sparse_step", 1) or 1
         dense = set(c.get("mlp_only_layers") or [])
-        moe_layers = [i not in dense and c.get("num_experts", 0) > 0 and (i + 1) % step == 0 for i in range(layers)]
-        m.update(num_moe_experts=c["num_experts"], moe_ffn_hidden_size=c["moe_intermediate_size"])
+        experts = c.get("num_experts", c.get("num_local_experts", 0))  # transformers 5 writes the latter
+        moe_layers = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)]
+        m.update(num_moe_experts=experts, moe_ffn_hidden_size=c["moe_intermediate_size"])
     elif model_type == "mixtral":
         moe_layers = [True] * layers
         m.update(num_moe_experts=c["num_local_experts"], moe_ffn_hidden_size=c["intermediate_size"])
@@ -157,11 +160,7 @@ def _moe_from_hf(model_type: str, c: dict, m: dict, prefix: str) -> list:
 def _complete_model(m: dict, moe_layers: list) -> dict:
     """Every ModelConfig key, so no preset (model=tiny) leaks into the imported model."""
     if any(moe_layers) and not all(moe_layers):
-        if "moe_layer_freq" not in _schema_keys(ModelConfig):
-            raise ConvertError("config.json: layers without experts need model.moe_layer_freq, which this version lacks")
         m["moe_layer_freq"] = [int(x) for x in moe_layers]
-    if m.get("add_qkv_bias") and "add_qkv_bias" not in _schema_keys(ModelConfig):
-        raise ConvertError("config.json: q/k/v biases need model.add_qkv_bias, which this version lacks")
     if m["ffn_hidden_size"] is None:
         m["ffn_hidden_size"] = m.get("moe_ffn_hidden_size") or 4 * m["hidden_size"]
     full = dataclasses.asdict(ModelConfig())
@@ -170,12 +169,6 @@ def _complete_model(m: dict, moe_layers: list) -> dict:
 
 
 def _attention_from_m3(config: dict, c: dict, layers: int) -> dict:
-    ours = c.get(OURS_KEY)
-    if not ours:
-        raise ConvertError(
-            "config.json: MiniMax-M3 checkpoints use clamped SwiGLU-OAI MLPs and sigmoid routing, which model.* cannot "
-            f"express; only files written by tools/convert.py export (with a text_config.{OURS_KEY} block) import"
-        )
     _refuse_if(c.get("routed_scaling_factor", 1.0) != 1.0, "text_config.routed_scaling_factor", c.get("routed_scaling_factor"), "must be 1.0")
     sparse = c.get("sparse_attention_config") or {}
     kinds = c.get("layer_types") or ["minimax_m3_sparse" if f else "full_attention" for f in sparse.get("sparse_attention_freq", [1] * layers)]
@@ -189,8 +182,6 @@ def _attention_from_m3(config: dict, c: dict, layers: int) -> dict:
         "index_rope": True,
     }
     if dense_layers and attention["type"] == "msa":
-        if "dense_layers" not in _schema_keys(AttentionConfig):
-            raise ConvertError("config.json: dense (full-attention) layers need attention.dense_layers, which this version lacks")
         attention["dense_layers"] = dense_layers
     return {k: v for k, v in attention.items() if v is not None}
 
@@ -199,27 +190,13 @@ def padded_vocab(rows: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-rows // multiple) * multiple
 
 
-def moe_layer_flags(model) -> list:
-    """Per layer: has experts? (from model.moe_layer_freq when the schema has it)."""
-    if model.num_moe_experts is None:
-        return [False] * model.num_layers
-    freq = getattr(model, "moe_layer_freq", 1)
-    if isinstance(freq, int):
-        return [i % freq == 0 for i in range(model.num_layers)]
-    return [bool(x) for x in freq]
-
-
-def dense_attention_layers(attention) -> set:
-    return set(getattr(attention, "dense_layers", None) or [])
-
-
 # ----------------------------------------------------------------------------------- export
 
 
 def hf_config(model_type: str, cfg: RunConfig, vocab_rows: int) -> dict:
     """config.json for our model in a Hugging Face architecture."""
     m = cfg.model
-    moe = moe_layer_flags(m)
+    moe = [is_moe_layer(cfg, i) for i in range(m.num_layers)]
     text = {
         "model_type": model_type,
         "vocab_size": vocab_rows,
@@ -255,7 +232,7 @@ def hf_config(model_type: str, cfg: RunConfig, vocab_rows: int) -> dict:
 
 def _m3_config(cfg: RunConfig, text: dict, moe: list) -> dict:
     m, a = cfg.model, cfg.attention
-    sparse_layers = [a.type == "msa" and i not in dense_attention_layers(a) for i in range(m.num_layers)]
+    sparse_layers = [is_msa_layer(cfg, i) for i in range(m.num_layers)]
     text.update(
         model_type="minimax_m3_vl_text",
         dense_intermediate_size=m.ffn_hidden_size,

@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import torch
 
 from msa_megatron.convert import layout
-from msa_megatron.convert.hf_config import M3, dense_attention_layers, moe_layer_flags
+from msa_megatron.convert.hf_config import M3
+from msa_megatron.model.specs import is_moe_layer, is_msa_layer
 from msa_megatron.model.builder import padded_vocab_size
 
 
@@ -95,17 +96,14 @@ def tensor_rules(model_type: str, cfg, vocab_rows: int) -> list:
     norm = _gemma_norm if n.m3 else _same
     padded = padded_vocab_size(m.vocab_size, 1)
     rules = [_vocab("embedding.word_embeddings.weight", n.base + "embed_tokens.weight", vocab_rows, padded)]
-    moe = moe_layer_flags(m)
-    sparse_attention = cfg.attention.type == "msa"
-    dense_attention = dense_attention_layers(cfg.attention)
     for i in range(m.num_layers):
         ours, hf = f"decoder.layers.{i}.", f"{n.base}layers.{i}."
         rules += _attention(ours + "self_attention.", hf + "self_attn.", m, norm)
-        if sparse_attention and i not in dense_attention:
+        if is_msa_layer(cfg, i):
             rules += _indexer(ours + "self_attention.indexer.", hf + "self_attn.", norm)
         rules.append(norm(ours + "input_layernorm.weight", hf + "input_layernorm.weight"))
         rules.append(norm(ours + "pre_mlp_layernorm.weight", hf + "post_attention_layernorm.weight"))
-        if moe[i]:
+        if is_moe_layer(cfg, i):
             rules += _moe(ours + "mlp.", hf + n.moe_prefix, n, m)
         else:
             rules.append(_gated_mlp(ours + "mlp.linear_fc1.weight", hf + "mlp."))
@@ -164,8 +162,8 @@ def m3_constant_tensors(cfg) -> dict:
     out = {}
     if m.num_moe_experts is None:
         return out
-    for i, is_moe in enumerate(moe_layer_flags(m)):
-        if not is_moe:
+    for i in range(m.num_layers):
+        if not is_moe_layer(cfg, i):
             continue
         hf = f"{n.base}layers.{i}.{n.moe_prefix}"
         out[hf + "e_score_correction_bias"] = torch.zeros(m.num_moe_experts)

@@ -153,10 +153,9 @@ def _plain(section) -> dict:
 
 
 def _count_indexer_tensors(cfg: RunConfig) -> int:
-    from msa_megatron.convert.hf_config import dense_attention_layers
-
+    """Index tensors an MSA run with this model and its attention.dense_layers creates."""
     per_layer = 4 if cfg.attention.index_norm else 2
-    return per_layer * (cfg.model.num_layers - len(dense_attention_layers(cfg.attention)))
+    return per_layer * (cfg.model.num_layers - len(cfg.attention.dense_layers))
 
 
 def recipe_path(out_dir: str, name: str) -> str:
