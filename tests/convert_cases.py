@@ -107,6 +107,16 @@ def our_logits(model, seqs) -> list:
     return list(torch.split(out[:, :VOCAB].float(), [len(s) for s in seqs]))
 
 
+def with_padded_vocab(weights: dict, rows: int) -> dict:
+    """Our parameters of a source model, its embedding / output rows padded with zeros as the importers do."""
+    out = dict(weights)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in out:
+            t = out[name]
+            out[name] = torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+    return out
+
+
 def assert_logits_close(ours, theirs, atol=1e-4):
     for i, (a, b) in enumerate(zip(ours, theirs)):
         err = (a - b).abs().max().item()
@@ -122,3 +132,31 @@ def readme_commands(keyword: str) -> list:
         lines = block.replace("\\\n", " ").splitlines()
         commands += [" ".join(line.split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     return [c for c in commands if keyword in c]
+
+
+def source_checkpoints(tmp_path_factory):
+    """The DeepSpeed and Megatron-LM sources of tests/convert_fixtures.py, made once per test session."""
+    import subprocess
+    import sys
+
+    from tests.runs import _free_port
+
+    root = tmp_path_factory.getbasetemp() / "convert_sources"
+    if not (root / "complete").exists():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               "-m", "tests.convert_fixtures", str(root)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        (root / "complete").write_text("")
+    return root
+
+
+def run_convert(*args, timeout=300):
+    """tools/convert.py as a user runs it: (exit code, stdout, stderr)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc.returncode, proc.stdout, proc.stderr
