@@ -124,9 +124,9 @@ def assert_logits_close(ours, theirs, atol=1e-4):
 
 
 def readme_commands(keyword: str) -> list:
-    """The commands of the README's conversion section that contain keyword (one per line)."""
+    """The commands of the README's converter sections (tools/convert.py) that contain keyword."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    section = text.split("## Convert a dense model to MSA", 1)[1].split("\n## ", 1)[0]
+    section = text.split("### From Hugging Face, DeepSpeed ZeRO and Megatron-LM checkpoints", 1)[1].split("\n## ", 1)[0]
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, re.S):
         lines = block.replace("\\\n", " ").splitlines()

@@ -61,6 +61,8 @@ def recipe_name(args) -> str:
 def run(args) -> None:
     from msa_megatron.convert import writer
 
+    writer.check_destination(args.out)  # before any work
+
     if args.command == "export-hf":
         from msa_megatron.convert.export import export_hf
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -24,7 +23,7 @@ from msa_megatron.convert import ConvertError
 from msa_megatron.convert.hf import DTYPES
 from msa_megatron.convert.hf_config import ARCHITECTURES, M3, check_m3_exportable, hf_config
 from msa_megatron.convert.hf_names import m3_constant_tensors, tensor_rules
-from msa_megatron.convert.writer import check_destination, read
+from msa_megatron.convert.writer import check_destination, read, staging_dir
 
 ARCH_NAMES = {"minimax_m3": M3, **{k: k for k in ARCHITECTURES if k != M3}}
 SHARD_BYTES = 5 * 2**30
@@ -60,8 +59,7 @@ def export_hf(src: str, out_dir: str, arch: str = "minimax_m3", vocab_size: Opti
         if model_type == M3:
             yield from m3_constant_tensors(cfg).items()
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(os.path.abspath(out_dir)) + ".partial-")
+    tmp = staging_dir(out_dir)
     try:
         written = _write_shards(tmp, tensors(), DTYPES.get(dtype), shard_bytes, total=sum(len(r.hf) for r in rules))
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -82,9 +82,13 @@ def build_meta_model(cfg: RunConfig, dtype: torch.dtype = torch.float32):
 def check_destination(out_dir: str) -> None:
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ConvertError(f"{out_dir}: already exists and is not empty (nothing is overwritten)")
+
+
+def staging_dir(out_dir: str) -> str:
+    """A new directory beside out_dir (parents created now, after the conversion succeeded)."""
     parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise ConvertError(f"{out_dir}: parent directory {parent} does not exist")
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=os.path.basename(os.path.abspath(out_dir)) + ".partial-")
 
 
 def check_params(model, params: dict, source: str) -> list:
@@ -125,8 +129,7 @@ def write(out_dir: str, result: Converted, recipe_name: str) -> dict:
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in result.params.values()}),
         "config": {"model": _plain(result.cfg.model), "attention": _plain(result.cfg.attention)},
     }
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(os.path.abspath(out_dir)) + ".partial-")
+    tmp = staging_dir(out_dir)
     try:
         dist_checkpointing.save(sharded, tmp)
         with open(os.path.join(tmp, META), "w") as f:
