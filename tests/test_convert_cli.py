@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tests.convert_cases import readme_commands, source_checkpoints
 from tests.paths import ROOT
+from tests.runs import _free_port
 from tests.test_model import single_process_world  # noqa: F401  (fixture: one-process world for in-process conversion)
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def _convert_main():
     return module.main
 
 
-def _run(command: str, tmp_path, sources, extra=(), capsys=None):
+def _run(command: str, tmp_path, sources, extra=(), capsys=None, nproc=1):
     """One README command with its example paths replaced by the test's (train.py in a new process)."""
     for example, real in (("/models/Qwen3-30B-A3B", sources / "hf"), ("/runs/zero/checkpoint-1000", sources / "zero2"),
                           ("/runs/megatron/checkpoints", sources / "megatron_dist_tp2ep2"),
@@ -48,7 +49,8 @@ def _run(command: str, tmp_path, sources, extra=(), capsys=None):
         assert _convert_main()(argv[2:]) == 0, capsys.readouterr().err[-3000:]
         return capsys.readouterr().out
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MSA_OUTPUT_ROOT": f"{tmp_path}/outputs", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, *argv[1:], *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"] if nproc > 1 else [])
+    proc = subprocess.run([*launcher, *argv[1:], *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -76,12 +78,14 @@ def test_readme_conversion_commands(tmp_path_factory, tmp_path, capsys):
     assert [r["msa/stage_name"] for r in records] == ["dense"] * WARMUP_STEPS + ["sparse"] * (STEPS - WARMUP_STEPS)
     kl = [r["train/kl_loss"] for r in records[:WARMUP_STEPS]]
     assert sum(kl[-3:]) / 3 < sum(kl[:3]) / 3, kl
-    # the dense model from the same import, same data: the warmup's first LM loss is the dense model's
+    # The dense model from the same import on the same data, loaded at TP2 x EP2 (dist_checkpointing
+    # reshards the import): its first LM loss is the warmup's.
     dense_cmd = train_cmd.replace("stage=msa_cpt", "attention=gqa")
     one_step = [a for a in TRAIN_ARGS if not a.startswith(("train.steps", "optim.lr_warmup_steps"))]
-    _run(dense_cmd, tmp_path, sources, [*one_step, "train.steps=1", "optim.lr_warmup_steps=0"])
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1"]
+    _run(dense_cmd, tmp_path, sources, [*one_step, "train.steps=1", "optim.lr_warmup_steps=0", *layout], nproc=2)
     dense = _metrics(f"{tmp_path}/outputs/qwen3-moe-gqa-msa_pt")
-    assert dense[0]["train/lm_loss"] == pytest.approx(records[0]["train/lm_loss"], rel=1e-6)
+    assert dense[0]["train/lm_loss"] == pytest.approx(records[0]["train/lm_loss"], rel=1e-5)
 
     exports = readme_commands("tools/convert.py export-hf")
     assert len(exports) == 2

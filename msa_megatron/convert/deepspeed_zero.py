@@ -121,7 +121,6 @@ def _mds_name(name: str, layers: int) -> Optional[str]:
 
 
 def _import_megatron_deepspeed(state: dict, args, src: str, name: str) -> Converted:
-    from msa_megatron.convert.hf import run_config
     from msa_megatron.convert.hf_config import SourceModel
     from msa_megatron.convert.megatron_lm import finish_megatron_params
 

@@ -16,7 +16,6 @@ import os
 import shutil
 from typing import Optional
 
-import torch
 from tqdm import tqdm
 
 from msa_megatron.convert import ConvertError

@@ -125,7 +125,7 @@ def write(out_dir: str, result: Converted, recipe_name: str) -> dict:
         "mapped_source_tensors": result.mapped,
         "written_tensors": len(result.params),
         "dropped": result.dropped,
-        "fresh_at_init_from": f"{FRESH} ({_count_indexer_tensors(result.cfg)} tensors when attention.type=msa)" if not fresh else fresh,
+        "fresh_at_init_from": _fresh_note(result.cfg, fresh),
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in result.params.values()}),
         "config": {"model": _plain(result.cfg.model), "attention": _plain(result.cfg.attention)},
     }
@@ -155,10 +155,12 @@ def _plain(section) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(section))
 
 
-def _count_indexer_tensors(cfg: RunConfig) -> int:
-    """Index tensors an MSA run with this model and its attention.dense_layers creates."""
+def _fresh_note(cfg: RunConfig, missing: list) -> str:
+    """What checkpoint.init_from will create fresh for an MSA run from this checkpoint."""
+    if cfg.attention.type == "msa":  # the source brought its index branch (MiniMax-M3 layout)
+        return f"{len(missing)} tensors" if missing else "nothing (the index branch was imported)"
     per_layer = 4 if cfg.attention.index_norm else 2
-    return per_layer * (cfg.model.num_layers - len(cfg.attention.dense_layers))
+    return f"{FRESH} ({per_layer * cfg.model.num_layers} tensors when attention.type=msa)"
 
 
 def recipe_path(out_dir: str, name: str) -> str:
