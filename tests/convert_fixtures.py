@@ -4,7 +4,7 @@
 
 OUT/hf                    a tiny Qwen3-MoE (transformers save_pretrained): the DeepSpeed runs' weights
 OUT/zero{1,2,3}           DeepSpeed ZeRO checkpoints of it (a DeepSpeed engine, one optimizer step at lr 0)
-OUT/mds                   a ZeRO-2 checkpoint of a module with Megatron-DeepSpeed GPT names, + args
+OUT/mds, OUT/mds_pipe      ZeRO-2 checkpoints of modules with Megatron-DeepSpeed's GPTModel / GPTModelPipe names, + args
 OUT/mds_reference.pt      that module's weights under our names (the logits reference)
 OUT/megatron_reference.pt a megatron-core GPT MoE (our names): the Megatron-LM checkpoints' weights
 OUT/megatron_{legacy_tp2ep2,legacy_pp2,dist_tp2ep2}
@@ -147,14 +147,19 @@ MDS_NAMES = {
 }
 
 
-def _mds_name(ours: str) -> str:
-    top = {"embedding.word_embeddings.weight": "language_model.embedding.word_embeddings.weight",
-           "decoder.final_layernorm.weight": "language_model.encoder.final_layernorm.weight",
-           "output_layer.weight": "language_model.output_layer.weight"}
+def _mds_name(ours: str, layers: int, pipe: bool) -> str:
+    """Megatron-DeepSpeed's GPTModel names, or GPTModelPipe's (stage 1 embedding, layers from 2, then norm, head)."""
+    if pipe:
+        top = {"embedding.word_embeddings.weight": "1.word_embeddings.weight",
+               "decoder.final_layernorm.weight": f"{layers + 2}.weight", "output_layer.weight": f"{layers + 3}.lm_head.weight"}
+    else:
+        top = {"embedding.word_embeddings.weight": "language_model.embedding.word_embeddings.weight",
+               "decoder.final_layernorm.weight": "language_model.encoder.final_layernorm.weight",
+               "output_layer.weight": "language_model.output_layer.weight"}
     if ours in top:
         return top[ours]
     _, _, layer, rest = ours.split(".", 3)
-    return f"language_model.encoder.layers.{layer}.{MDS_NAMES[rest]}"
+    return f"{int(layer) + 2}.{MDS_NAMES[rest]}" if pipe else f"language_model.encoder.layers.{layer}.{MDS_NAMES[rest]}"
 
 
 def deepspeed_checkpoints(out: str) -> None:
@@ -182,12 +187,9 @@ def deepspeed_checkpoints(out: str) -> None:
     dense = {**MEGATRON_MODEL, "num_moe_experts": None, "moe_ffn_hidden_size": None, "moe_layer_freq": 1}
     cfg = load_config({"model": dense, "attention": {"type": "gqa"}})
     _layout()
-    weights = {k: v for k, v in _build(load_config({"model": dense, "attention": {"type": "gqa"}})).state_dict().items() if not k.endswith("_extra_state")}
+    weights = {k: v for k, v in _build(cfg).state_dict().items() if not k.endswith("_extra_state")}
     if rank == 0:
         torch.save(weights, os.path.join(out, "mds_reference.pt"))
-    engine = _deepspeed_engine(_Named({_mds_name(k): v for k, v in weights.items()}), 2)
-    engine.backward(engine(torch.ones(())))
-    engine.step()
     m = cfg.model
     args = argparse.Namespace(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
                               num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
@@ -195,7 +197,11 @@ def deepspeed_checkpoints(out: str) -> None:
                               swiglu=True, normalization="rmsnorm", layernorm_epsilon=m.layernorm_epsilon,
                               use_rotary_position_embeddings=True, rope_theta=m.rotary_base, add_bias_linear=False,
                               untie_embeddings_and_output_weights=True, num_experts=[1])
-    engine.save_checkpoint(os.path.join(out, "mds"), client_state={"args": args, "iteration": 1})
+    for directory, pipe in (("mds", False), ("mds_pipe", True)):
+        engine = _deepspeed_engine(_Named({_mds_name(k, m.num_layers, pipe): v for k, v in weights.items()}), 2)
+        engine.backward(engine(torch.ones(())))
+        engine.step()
+        engine.save_checkpoint(os.path.join(out, directory), client_state={"args": args, "iteration": 1})
 
 
 def main(out: str) -> None:

@@ -34,8 +34,9 @@ def test_zero_checkpoint_of_hf_modules_computes_the_source_logits(sources, tmp_p
         assert_logits_close(our_logits(load_ours(tmp_path / "ours", imported_config(tmp_path / "ours", attention)), seqs), want)
 
 
-def test_zero_checkpoint_of_megatron_deepspeed_gpt(sources, tmp_path):
-    result = import_deepspeed(str(sources / "mds"), "mds")
+@pytest.mark.parametrize("names", ["mds", "mds_pipe"])
+def test_zero_checkpoint_of_megatron_deepspeed_gpt(sources, tmp_path, names):
+    result = import_deepspeed(str(sources / names), "mds")
     writer.write(str(tmp_path / "ours"), result, "mds")
     reference = torch.load(sources / "mds_reference.pt")
     cfg = imported_config(tmp_path / "ours")

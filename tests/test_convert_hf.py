@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from msa_megatron.convert import ConvertError, writer
 from msa_megatron.convert.export import export_hf
 from msa_megatron.convert.hf import import_hf
+from msa_megatron.model.attention import set_sparse_stage
 from tests.convert_cases import (
     MSA,
     VOCAB,
@@ -67,7 +68,8 @@ def _msa_checkpoint(tmp_path):
     from omegaconf import OmegaConf
 
     model = OmegaConf.to_container(OmegaConf.structured(result.cfg.model))
-    result.cfg = load_config({"model": model, "attention": {**MSA, "dense_layers": [0]}})
+    # partial RoPE (4 of 8 dims), as MiniMax-M3 has: the weights do not depend on it, the comparison does
+    result.cfg = load_config({"model": {**model, "rotary_percent": 0.5}, "attention": {**MSA, "dense_layers": [0]}})
     g = torch.Generator().manual_seed(5)
     for layer in (1, 2):
         prefix = f"decoder.layers.{layer}.self_attention.indexer."
@@ -102,12 +104,13 @@ def test_minimax_m3_layout_round_trip_and_transformers_load(tmp_path):
     for name, t in msa.params.items():
         assert torch.equal(back.params[name], t), name
 
-    _transformers_selects_our_blocks(tmp_path, config)
+    _transformers_computes_our_attention(tmp_path, config)
 
 
-def _transformers_selects_our_blocks(tmp_path, config):
-    """transformers' MiniMax-M3 loads every exported tensor under its own names (conversion mapping), and
-    its indexer picks the same blocks as ours for each (query, KV group) on a 40-token document."""
+def _transformers_computes_our_attention(tmp_path, config):
+    """transformers' MiniMax-M3 loads every exported tensor under its own names (conversion mapping); its
+    indexer picks the same blocks as ours for each (query, KV group) of a 40-token document, and its
+    attention (Gemma q/k norms, partial RoPE) equals ours: dense on layer 0, block-sparse on layer 1."""
     from transformers import MiniMaxM3SparseForConditionalGeneration, MiniMaxM3VLConfig
 
     from msa_megatron.ops import reference
@@ -118,11 +121,14 @@ def _transformers_selects_our_blocks(tmp_path, config):
     assert not info["unexpected_keys"], info["unexpected_keys"]
     assert all(k.startswith(("model.visual", "model.vision", "model.multi_modal")) for k in info["missing_keys"]), info["missing_keys"]
 
-    ours = load_ours(tmp_path / "msa", imported_config(tmp_path / "msa", {**MSA, "dense_layers": [0]}))
+    ours = load_ours(tmp_path / "msa", imported_config(tmp_path / "msa", {**MSA, "dense_layers": [0]}, rotary_percent=0.5))
+    set_sparse_stage(ours, True)
     captured = {}
-    layer = ours.decoder.layers[1].self_attention
-    layer.register_forward_pre_hook(lambda m, args, kw: captured.update(x=args[0]), with_kwargs=True)
-    layer.indexer.register_forward_hook(lambda m, args, out: captured.update(qk=out))
+    for i in (0, 1):
+        attention = ours.decoder.layers[i].self_attention
+        attention.register_forward_pre_hook(lambda m, args, kw, i=i: captured.update({f"x{i}": args[0].clone()}), with_kwargs=True)
+        attention.register_forward_hook(lambda m, args, out, i=i: captured.update({f"out{i}": out[0].clone()}))  # cloned: the layer adds the residual in place
+    ours.decoder.layers[1].self_attention.indexer.register_forward_hook(lambda m, args, out: captured.update(qk=out))
     doc = tokens()[1]
     our_logits(ours, [doc])
     qi, ki = captured["qk"]
@@ -130,10 +136,14 @@ def _transformers_selects_our_blocks(tmp_path, config):
     our_topk = reference.msa_indexer(qi, ki, cu, MSA["block_size"], MSA["topk_blocks"])[0]  # [G, T, k]
 
     text = model.model.language_model
-    x = captured["x"].transpose(0, 1)  # [1, T, h]: the normalised layer input both indexers read
+    x = captured["x1"].transpose(0, 1)  # [1, T, h]: the normalised layer input both indexers read
     positions = torch.arange(len(doc))[None]
     with torch.no_grad():
-        hf_topk = text.layers[1].self_attn.indexer(x, text.rotary_emb(x, positions), None, positions)[0]  # [G, T, k]
+        rope = text.rotary_emb(x, positions)
+        hf_topk = text.layers[1].self_attn.indexer(x, rope, None, positions)[0]  # [G, T, k]
+        for i in (0, 1):
+            out, _ = text.layers[i].self_attn(captured[f"x{i}"].transpose(0, 1), rope, None, position_ids=positions)
+            torch.testing.assert_close(out[0], captured[f"out{i}"][:, 0], rtol=0, atol=1e-5, msg=f"attention of layer {i}")
     for g in range(hf_topk.shape[0]):
         for i in range(len(doc)):
             want = {int(b) for b in our_topk[g, i] if b >= 0}
