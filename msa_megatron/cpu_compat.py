@@ -3,7 +3,9 @@
 megatron-core hard-codes CUDA in places: the model-parallel RNG tracker, `torch.cuda.current_device()`
 as a device for new tensors, CUDA streams/events around MoE token dispatch, `device="cuda"` in the
 optimizer / schedules / grad clipping, `.cuda()` calls, and type checks against
-`torch.cuda.FloatTensor`. Every workaround lives here, so a GPU run never touches them. They patch
+`torch.cuda.FloatTensor`, and gloo lacks the uneven all-gather / reduce-scatter that the MoE
+alltoall dispatcher uses with expert tensor parallelism. Every workaround lives here, so a GPU run
+never touches them. They patch
 private names, hence the exact version pin below; a different megatron-core fails loudly.
 
 Call `apply(seed)` once per process after `initialize_model_parallel` and before building the model.
@@ -107,9 +109,38 @@ def _patch_megatron() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = to_host
     token_dispatcher.maybe_move_tensor_to_cpu = to_host
+    _patch_uneven_collectives()
     # Activation recompute saves/restores "the CUDA RNG state": use the CPU generator's.
     mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
+
+
+def _patch_uneven_collectives() -> None:
+    """gloo has no all-gather / reduce-scatter with unequal sizes (alltoall dispatcher + EP + ETP):
+    pad to the largest piece and trim; reduce the whole tensor and keep this rank's piece."""
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        width = max(output_split_sizes)
+        padded = input_.new_zeros((width, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in range(group.size())]
+        torch.distributed.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, output_split_sizes)])
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return torch.split(total, list(input_split_sizes), dim=0)[group.rank()].clone()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
 
 
 class _CudaToCpu(TorchFunctionMode):

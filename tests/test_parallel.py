@@ -8,8 +8,13 @@ Documents of up to 300 tokens cross the context-parallel chunk edges (64 tokens)
 block budget topk*block = 48 tokens, so the sparse selection is real.
 """
 
+import os
+import re
+import shlex
+
 import pytest
 
+from tests.paths import ROOT
 from tests.runs import train
 
 MODEL = [
@@ -60,17 +65,28 @@ def assert_same_run(one, other):
         assert a["train/kl_loss"] == pytest.approx(sum(kl_layers) / 2, rel=1e-6)  # the mean counts MSA layers only
 
 
-LAYOUTS = {
-    "cp2": (["parallel.context_parallel_size=2"], 2),
-    "tp2xcp2": (["parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2"], 4),
-    "tp4_over_2_groups": (["parallel.tensor_model_parallel_size=4"], 4),
-    "ep2": (["parallel.expert_model_parallel_size=2"], 2),
-    "pp2_first_stage_without_msa": (["parallel.pipeline_model_parallel_size=2"], 2),
-    "pp2_virtual2": (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"], 2),
-    "dp2_distributed_optimizer": (["parallel.use_distributed_optimizer=true"], 2),
-    "selective_recompute": (["model.recompute_granularity=selective", "model.recompute_modules=[core_attn,mlp,moe]"], 1),
-    "full_recompute": (["model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=1"], 1),
-}
+def readme_layouts() -> dict:
+    """The commands of the README's "Parallelism" section: {their overrides: (overrides, ranks)}."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Parallelism", 1)[1].split("\n## ", 1)[0]
+    layouts = {}
+    for line in re.findall(r"^\.venv/bin/(?:torchrun|python) .*$", section, flags=re.M):
+        words = shlex.split(line)
+        nproc = int(words[words.index("--nproc_per_node") + 1]) if "--nproc_per_node" in words else 1
+        overrides = words[words.index("train.py") + 1 :]
+        layouts[" ".join(overrides)] = (overrides, nproc)
+    return layouts
+
+
+LAYOUTS = readme_layouts()
+
+
+def test_readme_shows_every_parallel_kind():
+    shown = " ".join(LAYOUTS)
+    for key in ("context_parallel_size", "tensor_model_parallel_size=4", "expert_model_parallel_size",
+                "expert_tensor_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                "use_distributed_optimizer", "recompute_granularity=selective", "recompute_granularity=full"):
+        assert key in shown, key
 
 
 @pytest.mark.slow
@@ -78,3 +94,42 @@ LAYOUTS = {
 def test_layout_matches_one_process(name, single_process, initial_weights, tmp_path):
     layout, nproc = LAYOUTS[name]
     assert_same_run(single_process, run_layout(tmp_path, initial_weights, *layout, nproc=nproc))
+
+
+RESHARDS = {
+    # saved with ... -> resumed with ...
+    "tp2xpp2_to_cp2": (["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], 4,
+                       ["parallel.context_parallel_size=2"], 2),
+    "dp2_distopt_to_pp2_distopt": (["parallel.use_distributed_optimizer=true"], 2,
+                                   ["parallel.pipeline_model_parallel_size=2", "parallel.use_distributed_optimizer=true"], 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RESHARDS))
+def test_resume_with_another_layout_continues_the_run(name, single_process, initial_weights, tmp_path):
+    """Steps 1-2 with one layout, saved; steps 3-4 resumed with another: the same losses as the
+    uninterrupted one-process run (weights, optimizer state, LR schedule, data position reshard)."""
+    before, n_before, after, n_after = RESHARDS[name]
+    ckpt = f"checkpoint.save={tmp_path / 'ckpt'}"
+    first = run_layout(tmp_path / "a", initial_weights, *before, ckpt, "train.exit_interval=2", nproc=n_before)
+    assert [r["train/step"] for r in first] == [1, 2]
+    second = run_layout(tmp_path / "b", initial_weights, *after, ckpt, nproc=n_after)
+    assert [r["train/step"] for r in second] == [3, 4]
+    assert_same_run(single_process, first + second)
+
+
+@pytest.mark.slow
+def test_switching_the_optimizer_kind_on_resume_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    train(tmp_path, *MODEL, "train.steps=1", "optim.lr_warmup_steps=0", "data.seq_length=256")
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={tmp_path}", "data=mock", "model.vocab_size=512",
+           *MODEL, "train.steps=2", "optim.lr_warmup_steps=0", "data.seq_length=256", "parallel.use_distributed_optimizer=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("checkpoint error: parallel.use_distributed_optimizer=True: ") and "saved with False" in last, last
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # nothing written

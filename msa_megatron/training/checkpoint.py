@@ -24,6 +24,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
@@ -33,6 +34,9 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's states are saved in model-parameter shapes, so they load at any
+# layout (megatron-core's default format for it cannot be saved in 0.19.2).
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 META = "msa_meta.json"
 
 
@@ -102,7 +106,7 @@ def save(trainer, state: TrainState, wandb_run_id: Optional[str] = None) -> str:
     model_sd = model_state_dicts(trainer.model)
     sharded = {
         **model_sd,
-        "optimizer": trainer.optimizer.sharded_state_dict(model_sd),
+        "optimizer": trainer.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT),
         "scheduler": trainer.scheduler.state_dict(),
         "train_state": asdict(state),
     }
@@ -144,14 +148,79 @@ def resume(trainer, root: str) -> Optional[TrainState]:
     if step is None:
         return None
     path = iteration_dir(root, step)
+    _check_optimizer_kind(path, trainer.cfg.parallel.use_distributed_optimizer)
     model_sd = model_state_dicts(trainer.model)
-    sharded = {**model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    _allocate_optimizer_state(trainer.optimizer)
+    sharded = {**model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)}
     loaded = _load(sharded, path, "checkpoint.load", root, strict=StrictHandling.RAISE_ALL)
     for key, chunk in zip(model_sd, trainer.model):
         chunk.module.load_state_dict(loaded[key])
     trainer.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     return TrainState(**loaded["train_state"])
+
+
+def _check_optimizer_kind(path: str, distributed: bool) -> None:
+    """The optimizer state of one optimizer kind cannot be loaded into the other."""
+    meta = os.path.join(path, META)
+    if not os.path.exists(meta):
+        return
+    with open(meta) as f:
+        saved = json.load(f).get("config", {}).get("parallel", {}).get("use_distributed_optimizer")
+    if saved is not None and bool(saved) != bool(distributed):
+        raise CheckpointError(
+            f"parallel.use_distributed_optimizer={distributed}: {path} was saved with {bool(saved)}; resume with the same "
+            "setting (the two optimizers store their state differently)"
+        )
+
+
+def _torch_adams(optimizer):
+    """The torch.optim.Adam instances inside megatron's (chained, distributed) optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):
+            yield opt, inner
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.19.2's DistributedOptimizer.load_state_dict hands every parameter the same
+    `step` tensor, which torch's Adam then increments once per parameter per step (wrong bias
+    correction after a resume): give each parameter its own copy."""
+    for _, adam in _torch_adams(optimizer):
+        for state in adam.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Make megatron-core 0.19.2's DistributedOptimizer load over torch.optim.Adam (no Apex/TE).
+
+    1. It reads Adam's per-parameter `step` while building the state dict to load into, and torch
+       creates that state only at the first step: a zero-gradient step allocates it. Everything it
+       touches (main params, moments, step) is then overwritten by the checkpoint, and the model
+       weights are loaded after it.
+    2. Its loader skips Adam's `step` tensor (restored from the param groups instead) but the setter
+       then looks it up: the setter is told to leave it alone.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    setter = DistributedOptimizer._set_main_param_and_optimizer_states
+    if not getattr(setter, "_msa_skips_step", False):
+
+        def set_states(self, model_param, tensors):
+            return setter(self, model_param, {"step": None, **tensors})
+
+        set_states._msa_skips_step = True
+        DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+    for opt, inner in _torch_adams(optimizer):
+        if isinstance(opt, DistributedOptimizer) and not inner.state:
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            inner.step()
+            inner.zero_grad(set_to_none=True)
 
 
 def init_weights(models, root: str, allow_missing: list) -> list:
