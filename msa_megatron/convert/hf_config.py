@@ -49,7 +49,10 @@ class SourceModel:
 
 
 def text_config(config: dict) -> dict:
-    return config.get("text_config") or config if config.get("model_type") == M3 else config
+    """The language model's config (MiniMax-M3 nests it under text_config)."""
+    if config.get("model_type") == M3:
+        return config.get("text_config") or {}
+    return config
 
 
 def _rope(c: dict, key_prefix: str) -> tuple[float, float]:

@@ -141,10 +141,7 @@ def _read_legacy(path: str):
             if local.endswith("_extra_state") or not torch.is_tensor(tensor):
                 continue
             name, is_expert = _global_name(local, p * layers_per_stage, e * local_experts, path)
-            if is_expert:
-                index = t if etp > 1 else 0
-            else:
-                index = t
+            index = 0 if is_expert and etp == 1 else t  # experts are whole on every rank when ETP is 1
             shards[name].setdefault(index, tensor)
         del state
     params = {name: _merge(name, parts, path) for name, parts in shards.items()}
@@ -164,16 +161,18 @@ _GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 
 
 def _global_name(local: str, layer_offset: int, expert_offset: int, path: str) -> tuple[str, bool]:
+    """(our global name, is it an expert weight?) of a rank's local parameter name."""
     m = _LAYER.match(local)
     if not m:
         return local, False
     layer, rest = int(m.group(1)) + layer_offset, m.group(2)
-    for pattern, fmt in ((_SEQ_EXPERT, "{}.{}"), (_GROUPED_EXPERT, None)):
-        e = pattern.match(rest)
-        if e and fmt:
-            return f"decoder.layers.{layer}.mlp.experts.local_experts.{int(e.group(1)) + expert_offset}.{e.group(2)}", True
-        if e:
-            return f"decoder.layers.{layer}.mlp.experts.local_experts.{int(e.group(2)) + expert_offset}.{e.group(1)}.weight", True
+    expert = f"decoder.layers.{layer}.mlp.experts.local_experts."
+    e = _SEQ_EXPERT.match(rest)  # SequentialMLP: local_experts.E.linear_fc1.weight
+    if e:
+        return f"{expert}{int(e.group(1)) + expert_offset}.{e.group(2)}", True
+    e = _GROUPED_EXPERT.match(rest)  # TEGroupedMLP: linear_fc1.weightE
+    if e:
+        return f"{expert}{int(e.group(2)) + expert_offset}.{e.group(1)}.weight", True
     if rest.startswith("mlp.experts.weight"):
         raise ConvertError(f"{path}: legacy GroupedMLP expert weights (mlp.experts.weight1/2) are not supported")
     return f"decoder.layers.{layer}.{rest}", False
