@@ -75,6 +75,7 @@ class AttentionConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     backend: str = "auto"  # auto | reference | triton
     recall_interval: int = 0  # steps between recall diagnostics (0: off)
+    recall_queries: int = 1024  # queries sampled per layer for recall (0: every eligible query)
 
 
 @dataclass
@@ -263,6 +264,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
         )
     _require(a.kl.coeff >= 0.0, "attention.kl.coeff", a.kl.coeff, "must be >= 0")
     _require(a.recall_interval >= 0, "attention.recall_interval", a.recall_interval, "must be >= 0")
+    _require(a.recall_queries >= 0, "attention.recall_queries", a.recall_queries, "must be >= 0")
 
     _validate_model_extras(c)
     _validate_layout(c)

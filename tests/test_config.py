@@ -58,6 +58,7 @@ def test_pilot_model_and_gqa_presets():
         (["attention.backend=cuda"], "attention.backend='cuda'"),
         (["stage.mode=sparse"], "stage.mode='sparse'"),
         (["attention.kl.coeff=-1"], "attention.kl.coeff=-1.0"),
+        (["attention.recall_queries=-1"], "attention.recall_queries=-1"),
         (["train.steps=0"], "train.steps=0"),
         (["optim.min_lr=1.0"], "optim.min_lr=1.0"),
     ],

@@ -186,3 +186,35 @@ def test_indexer_gradient_is_lambda_times_the_kl_gradient(sparse):
     (loss * 0.0).backward()
     for (name, p), w in zip(params.items(), want):
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_index_projections_come_from_the_layer_spec():
+    """The spec decides the indexer's linear layers (so Transformer Engine can swap them)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from msa_megatron.model import specs
+    from msa_megatron.model.indexer import ReplicatedLinear
+
+    class MarkedColumnParallel(ColumnParallelLinear):
+        pass
+
+    cfg = config()
+    spec, _ = specs.layer_spec(cfg, use_te=False, layer=1)
+    indexer = spec.submodules.self_attention.submodules.indexer
+    assert (indexer.submodules.linear_q, indexer.submodules.linear_k) == (ColumnParallelLinear, ReplicatedLinear)
+    original = specs._local_submodules
+
+    def marked(cfg, moe):
+        sub, norm, index = original(cfg, moe)
+        index.linear_q = MarkedColumnParallel
+        return sub, norm, index
+
+    specs._local_submodules = marked
+    try:
+        model = build(cfg)
+    finally:
+        specs._local_submodules = original
+    layers = model.decoder.layers
+    assert all(isinstance(layer.self_attention.indexer.linear_q, MarkedColumnParallel) for layer in layers)
+    dense = build(config(attention={"dense_layers": [0]})).decoder.layers
+    assert not hasattr(dense[0].self_attention, "indexer") and hasattr(dense[1].self_attention, "indexer")

@@ -280,6 +280,42 @@ def test_kl_value_matches_naive_loop(sparse):
     assert kl.item() == pytest.approx(acc / (total * 2), rel=1e-10)
 
 
+def test_recall_sample_is_an_even_deterministic_subset_of_the_eligible_queries():
+    c = make_case([40, 9, 64], hq=4, hkv=2, seed=23)
+    layout = ref.doc_layout(c.cu_seqlens, c.q.shape[0])
+    eligible = torch.nonzero(layout.pos // c.block_size + 1 > c.topk).squeeze(1)
+    assert torch.equal(ref.recall_sample(c.cu_seqlens, c.q.shape[0], c.block_size, c.topk, 0), eligible)
+    assert torch.equal(ref.recall_sample(c.cu_seqlens, c.q.shape[0], c.block_size, c.topk, 10_000), eligible)
+    rows = ref.recall_sample(c.cu_seqlens, c.q.shape[0], c.block_size, c.topk, 7)
+    assert rows.numel() == 7 and torch.isin(rows, eligible).all() and (rows[1:] > rows[:-1]).all()
+    assert rows[0] == eligible[0] and rows[-1] > eligible[eligible.numel() * 6 // 7 - 1]  # spread to the end
+    # A rank's queries (qpos): rows index its own queries, all eligible.
+    qpos = _zigzag_rows(c.q.shape[0], 2, 1)
+    sub = ref.recall_sample(c.cu_seqlens, c.q.shape[0], c.block_size, c.topk, 5, qpos=qpos)
+    assert sub.numel() == 5 and torch.isin(qpos[sub], eligible).all()
+
+
+def test_sampled_recall_equals_the_full_recall_on_its_rows():
+    from msa_megatron import ops
+
+    c = make_case([40, 9, 64], hq=4, hkv=2, seed=24)
+    sel, _ = ref.msa_indexer(c.qi, c.ki, c.cu_seqlens, c.block_size, c.topk)
+    full = ref.selection_recall(c.q, c.k, sel, c.cu_seqlens, c.block_size)
+    assert ref.sampled_selection_recall(c.q, c.k, sel, c.cu_seqlens, c.block_size, 0) == pytest.approx(full)
+    rows = ref.recall_sample(c.cu_seqlens, c.q.shape[0], c.block_size, c.topk, 9)
+    want = ref.selection_recall(c.q[rows], c.k, sel[:, rows], c.cu_seqlens, c.block_size, qpos=rows)
+    got = ref.sampled_selection_recall(c.q, c.k, sel, c.cu_seqlens, c.block_size, 9)
+    assert got == pytest.approx(want) and got != pytest.approx(full)
+    shape = ops.MSAShape(c.block_size, c.topk, 1 / math.sqrt(c.q.shape[-1]), 1.0, 64)
+    for backend in ("reference", "triton"):  # the same sample and numbers on both backends
+        assert ops.selection_recall(c.q, c.k, sel, c.cu_seqlens, shape, backend, 9) == pytest.approx(want)
+    qpos = _zigzag_rows(c.q.shape[0], 2, 0)
+    sub = ref.recall_sample(c.cu_seqlens, c.q.shape[0], c.block_size, c.topk, 6, qpos=qpos)
+    want = ref.selection_recall(c.q[qpos[sub]], c.k, sel[:, qpos[sub]], c.cu_seqlens, c.block_size, qpos=qpos[sub])
+    got = ops.selection_recall(c.q[qpos], c.k, sel[:, qpos], c.cu_seqlens, shape, "reference", 6, qpos=qpos)
+    assert got == pytest.approx(want)
+
+
 def _zigzag_rows(total: int, parts: int, rank: int) -> torch.Tensor:
     """Context-parallel style: 2*parts chunks, this rank keeps chunks rank and 2*parts-1-rank."""
     edges = [total * c // (2 * parts) for c in range(2 * parts + 1)]

@@ -23,15 +23,17 @@ from typing import Optional
 
 import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.transformer.attention import SelfAttention
+from dataclasses import dataclass
+from typing import Union
+
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from msa_megatron import ops
-from msa_megatron.model.indexer import MSAIndexer
 from msa_megatron.model.kl_loss import KLLossAutoScaler, LayerKLStats
 from msa_megatron.model.packed import token_positions
-from msa_megatron.ops import reference
 from msa_megatron.parallel import replicas
 from msa_megatron.parallel.context import gather_keys
 
@@ -99,14 +101,19 @@ class PackedSelfAttention(SelfAttention):
         return {}
 
 
+@dataclass
+class MSASelfAttentionSubmodules(SelfAttentionSubmodules):
+    indexer: Union[ModuleSpec, type] = None  # MSAIndexer with its projections (local or Transformer Engine)
+
+
 class MSASelfAttention(PackedSelfAttention):
     """PackedSelfAttention with the MSA index branch under `indexer.*`."""
 
-    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, msa=None, **kwargs):
+    def __init__(self, config, submodules: MSASelfAttentionSubmodules, layer_number, attn_mask_type=AttnMaskType.causal, msa=None, **kwargs):
         super().__init__(config, submodules, layer_number, attn_mask_type, **kwargs)
         if not isinstance(self.core_attention, MSACoreAttention):
             raise TypeError("MSASelfAttention needs MSACoreAttention as its core_attention submodule")
-        self.indexer = MSAIndexer(config, msa, self.pg_collection)
+        self.indexer = build_module(submodules.indexer, config=config, msa=msa, pg_collection=self.pg_collection)
 
     def core_attention_inputs(self, hidden_states, freqs, thd: bool) -> dict:
         index_q, index_k = self.indexer(hidden_states, freqs, thd)
@@ -222,7 +229,7 @@ class MSACoreAttention(PackedCoreAttention):
 
         teacher_q, teacher_lse = self._group_heads(q.detach()), self._group_heads(lse.detach())
         if self.measure_recall:
-            recall = reference.selection_recall(teacher_q, k.detach(), topk, cu, shape.block_size, shape.softmax_scale, qpos=qpos)
+            recall = ops.selection_recall(teacher_q, k.detach(), topk, cu, shape, backend, self.msa.recall_queries, qpos=qpos)
             self.stats.record_recall(*recall)
         kl = ops.indexer_kl(
             teacher_q, k.detach(), teacher_lse, qi, ki, index_lse if self.sparse else None, topk if self.sparse else None,

@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from dataclasses import dataclass
+from typing import Any
+
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     all_gather_last_dim_from_tensor_parallel_region,
@@ -24,13 +27,38 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.utils import init_method_normal
 
 from msa_megatron.model.norms import rms_norm
 
 
+class ReplicatedLinear(torch.nn.Module):
+    """A linear layer with the same weight on every TP rank (megatron's constructor and
+    (output, bias) return, so a spec can swap in Transformer Engine's duplicated TELinear)."""
+
+    def __init__(self, input_size, output_size, *, config, init_method, bias=False, **_):
+        super().__init__()
+        if bias:
+            raise ValueError("the MSA index key projection has no bias")
+        # Created where megatron creates its weights, so the TP broadcast of the indexer works on NCCL too.
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype, device=device))
+        with torch.no_grad():
+            init_method(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight), None
+
+
+@dataclass
+class MSAIndexerSubmodules:
+    linear_q: Any = ColumnParallelLinear  # index query heads: column-parallel, whole KV groups per rank
+    linear_k: Any = ReplicatedLinear  # the shared index key: replicated over TP
+
+
 class MSAIndexer(MegatronModule):
-    def __init__(self, config, msa, pg_collection):
+    def __init__(self, config, submodules: MSAIndexerSubmodules, msa, pg_collection):
         super().__init__(config=config)
         self.msa = msa
         self.tp_group = pg_collection.tp
@@ -40,23 +68,15 @@ class MSAIndexer(MegatronModule):
         self.replicas = tp // groups if tp > groups else 1  # TP ranks sharing one KV group
         self.groups_per_rank = max(groups // tp, 1)
         init = init_method_normal(msa.index_init_std)
-        self.linear_q = ColumnParallelLinear(
-            config.hidden_size,
-            config.num_query_groups * self.head_dim,
-            config=config,
-            init_method=init,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_group=self.tp_group,
+        common = dict(config=config, init_method=init, bias=False, skip_bias_add=True, is_expert=False, tp_group=self.tp_group)
+        self.linear_q = build_module(
+            submodules.linear_q, config.hidden_size, groups * self.head_dim, gather_output=False, **common
         )
-        # Created where megatron creates its weights, so the TP broadcast below works on NCCL too.
+        self.linear_k = build_module(
+            submodules.linear_k, config.hidden_size, self.head_dim, skip_weight_param_allocation=False, **common
+        )
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         factory = dict(dtype=config.params_dtype, device=device)
-        self.linear_k = torch.nn.Linear(config.hidden_size, self.head_dim, bias=False, **factory)
-        with torch.no_grad():
-            init(self.linear_k.weight)
         if msa.index_norm:
             self.q_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, **factory))
             self.k_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, **factory))
@@ -91,7 +111,7 @@ class MSAIndexer(MegatronModule):
             qi = qi[..., group * self.head_dim : (group + 1) * self.head_dim]
         if self.config.sequence_parallel and self.tp_group.size() > 1:
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.tp_group)
-        ki = F.linear(x, self.linear_k.weight)
+        ki, _ = self.linear_k(x)
         s, b = qi.shape[:2]
         qi = qi.reshape(s, b, self.groups_per_rank, self.head_dim)
         ki = ki.view(s, b, 1, self.head_dim)

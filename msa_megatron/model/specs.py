@@ -10,6 +10,7 @@ must see the normalized input that feeds linear_qkv).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
@@ -17,7 +18,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
-from msa_megatron.model.attention import MSACoreAttention, MSASelfAttention, PackedCoreAttention, PackedSelfAttention
+from msa_megatron.model.attention import (
+    MSACoreAttention,
+    MSASelfAttention,
+    MSASelfAttentionSubmodules,
+    PackedCoreAttention,
+    PackedSelfAttention,
+)
+from msa_megatron.model.indexer import MSAIndexer, MSAIndexerSubmodules
 from msa_megatron.model.norms import RMSNorm
 
 
@@ -44,11 +52,11 @@ def _local_submodules(cfg, moe: bool):
     attn = sub.self_attention.submodules
     if m.qk_layernorm:
         attn.q_layernorm = attn.k_layernorm = RMSNorm
-    return sub, RMSNorm
+    return sub, RMSNorm, MSAIndexerSubmodules()
 
 
 def _te_submodules(cfg, moe: bool):
-    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TELinear, TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_submodules
 
     m = cfg.model
@@ -60,7 +68,10 @@ def _te_submodules(cfg, moe: bool):
     # Same checkpoint names as the local spec (and as TE's fused layer): input_layernorm is saved
     # as linear_qkv.layer_norm_*.
     sub.sharded_state_dict_keys_map = {**sub.sharded_state_dict_keys_map, "input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
-    return sub, TENorm
+    indexer = MSAIndexerSubmodules(
+        linear_q=TEColumnParallelLinear, linear_k=ModuleSpec(module=TELinear, params={"parallel_mode": "duplicated"})
+    )
+    return sub, TENorm, indexer
 
 
 def is_moe_layer(cfg, layer: int) -> bool:
@@ -79,12 +90,14 @@ def is_msa_layer(cfg, layer: int) -> bool:
 def layer_spec(cfg, use_te: bool, layer: int = 0) -> tuple[ModuleSpec, type]:
     """(TransformerLayer spec, final-norm class) of 0-based `layer`."""
     moe = is_moe_layer(cfg, layer)
-    sub, final_norm = _te_submodules(cfg, moe) if use_te else _local_submodules(cfg, moe)
+    sub, final_norm, indexer = _te_submodules(cfg, moe) if use_te else _local_submodules(cfg, moe)
     attn = sub.self_attention
     core_args = {"msa": cfg.attention, "num_query_groups": cfg.model.num_query_groups}
     if is_msa_layer(cfg, layer):
         attn.module = MSASelfAttention
         attn.params = {**attn.params, "msa": cfg.attention}
+        fields = {f.name: getattr(attn.submodules, f.name) for f in dataclasses.fields(attn.submodules)}
+        attn.submodules = MSASelfAttentionSubmodules(**fields, indexer=ModuleSpec(module=MSAIndexer, submodules=indexer))
         attn.submodules.core_attention = functools.partial(MSACoreAttention, **core_args)
     else:
         attn.module = PackedSelfAttention

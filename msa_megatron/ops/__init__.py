@@ -8,6 +8,7 @@ reference elsewhere. All tensors are packed THD (see ops/reference.py for shapes
 - ``sparse_attention`` main branch over the selection: (o, lse), differentiable in q, k, v
 - ``dense_attention``  causal attention inside each document: (o, lse), differentiable in q, k, v
 - ``indexer_kl``       KL(teacher || index) scalar, differentiable in qi, ki only
+- ``selection_recall`` block / score recall of a selection on a deterministic sample of queries
 
 Every function takes an optional ``qpos`` [Tq]: the key row of each query when a rank keeps only
 some of the queries (context parallelism; see ops/reference.py). None: queries = key rows.
@@ -97,3 +98,23 @@ def indexer_kl(
         q, k, qi, ki, cu_seqlens, topk, shape.block_size, shape.softmax_scale, shape.index_scale, total_groups, qpos=qpos
     )
 
+
+
+# Bytes of fp32 scores one recall step may hold ([Hq, queries, keys]); sets its query chunk.
+RECALL_CHUNK_BYTES = 1 << 30
+
+
+def selection_recall(q, k, topk, cu_seqlens, shape: MSAShape, backend: str, n_queries: int, qpos=None):
+    """(block recall, score recall) of the selection on `n_queries` sampled queries (MSA.md Diagnostics).
+
+    Both backends run the same PyTorch computation on the same deterministic sample
+    (reference.recall_sample), on the tensors' device; the GPU only changes the query chunk, so
+    that the full-attention scores of a chunk stay within RECALL_CHUNK_BYTES. (None, None) when no
+    query's document prefix holds more than k blocks. Reads its result back to the host.
+    """
+    chunk = reference.DEFAULT_CHUNK
+    if backend == "triton":
+        chunk = max(1, RECALL_CHUNK_BYTES // (4 * q.shape[1] * max(1, k.shape[0])))
+    return reference.sampled_selection_recall(
+        q, k, topk, cu_seqlens, shape.block_size, n_queries, shape.softmax_scale, chunk, qpos=qpos
+    )

@@ -387,3 +387,31 @@ def selection_recall(q, k, topk, cu_seqlens, block_size, softmax_scale=None, chu
     if count == 0:
         return None, None
     return block_hits / count, score_hits / count
+
+
+def recall_sample(cu_seqlens, n_keys: int, block_size: int, topk: int, n_queries: int, qpos=None) -> torch.Tensor:
+    """Query rows the recall diagnostics look at: n_queries spread evenly over the eligible rows.
+
+    Eligible = the document prefix holds more than topk blocks (selection_recall's rule). Evenly
+    spread over their order, so the sample is deterministic and the same on every backend;
+    n_queries <= 0 keeps every eligible row. Returns a long tensor on the device of cu_seqlens.
+    """
+    keys = doc_layout(cu_seqlens, n_keys)
+    queries = query_layout(keys, qpos)
+    rows = torch.nonzero((queries.pos // block_size) + 1 > topk).squeeze(1)
+    if 0 < n_queries < rows.numel():
+        rows = rows[(torch.arange(n_queries, device=rows.device) * rows.numel()) // n_queries]
+    return rows
+
+
+@torch.no_grad()
+def sampled_selection_recall(
+    q, k, topk, cu_seqlens, block_size, n_queries, softmax_scale=None, chunk=DEFAULT_CHUNK, qpos=None
+):
+    """selection_recall on the recall_sample rows only: (block recall, score recall) or (None, None)."""
+    rows = recall_sample(cu_seqlens, k.shape[0], block_size, topk.shape[-1], n_queries, qpos)
+    if rows.numel() == 0:
+        return None, None
+    rows = rows.to(q.device)
+    key_rows = rows if qpos is None else qpos.to(q.device, torch.long)[rows]
+    return selection_recall(q[rows], k, topk[:, rows], cu_seqlens, block_size, softmax_scale, chunk, qpos=key_rows)

@@ -33,14 +33,18 @@ def new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def query_chunk() -> int:
-    """Queries per pass of the sparse kernels: bounds the per-slot partial buffers.
+def query_chunk(total: int = 1 << 30) -> int:
+    """Queries per pass of the sparse kernels (for `total` query rows): bounds the per-slot buffers.
 
     The forward keeps k partial outputs per (query, head): k * chunk * Hq * d * 2 bytes, 4 GiB for
     16384 queries at Hq 64, d 128, k 16 (the backward the same for dQ). Fewer, larger chunks cut
-    the dK/dV accumulator traffic. MSA_QUERY_CHUNK overrides (tests use small values).
+    the dK/dV accumulator traffic; up to 32K queries the chunk is 8192, so that short batches stay
+    near the memory of dense attention. MSA_QUERY_CHUNK overrides (tests use small values).
     """
-    return int(os.environ.get("MSA_QUERY_CHUNK", "16384"))
+    env = os.environ.get("MSA_QUERY_CHUNK")
+    if env:
+        return int(env)
+    return 8192 if total <= 32768 else 16384
 
 
 def check_block_size(block_size: int) -> None:

@@ -1,10 +1,14 @@
-"""Varlen causal GQA flash attention with lse (dense warm-up stage), forward and backward.
+"""Dense causal GQA attention inside each document, with its lse (dense warm-up; attention=gqa).
 
-Tiles are document-aligned (tile j of a document starts at its position j * BLOCK), so no tile
-mixes documents and only the diagonal tile needs the causal mask. Forward: one program per
-(query tile, head). Backward: a key-owner program per (key tile, KV head) accumulates dK/dV over
-the group's heads and later query tiles; a query-owner program per (query tile, head)
-accumulates dQ. Deterministic, no atomics. Long tiles are launched first.
+The main path is the fastest library kernel PyTorch carries (cuDNN, else flash; dense_lib.py),
+called on the packed tensors without padding any document, with the natural-log lse the KL needs.
+The first call per device and head shape checks each candidate against this module's Triton
+kernels and takes the first that agrees. MSA_DENSE_BACKEND=<candidate>|triton forces one.
+
+The Triton kernels below are the fallback, the qpos (context-parallel) path, and the backward
+when the lse itself receives a gradient (the libraries' backward cannot take one): forward and
+dQ are query-owner programs per (document block, head); dK/dV a key-owner program per
+(document block, KV head) over the group's heads and every later query. Deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_megatron.ops.triton.common import new_buffer, next_pow2
-from msa_megatron.ops.triton.indexer import doc_rows
+from msa_megatron.ops.triton import dense_lib
+from msa_megatron.ops.triton.common import interpreting, new_buffer, next_pow2, timed
+from msa_megatron.ops.triton.rows import block_rows, key_pos, positions
 from msa_megatron.ops.triton.sparse_attn import attention_delta
 
 LOG2E = 1.4426950408889634
@@ -22,28 +27,33 @@ LOG2E = 1.4426950408889634
 CONFIG = {"fwd_block": 128, "fwd_warps": 8, "fwd_stages": 2, "bwd_block": 64, "bwd_warps": 4, "bwd_stages": 2}
 
 
+# --------------------------------------------------------------------------- Triton kernels
+
+
 @triton.jit
 def _dense_fwd_kernel(
-    Q, K, V, O, LSE,
-    row_order, row_start, row_end, row_blk,
+    Q, K, V, O, LSE, QPOS,
+    row_order, row_key_start, row_blk, row_q_lo, row_q_hi,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt,
     qk_scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     h = tl.program_id(0)
     r = tl.load(row_order + tl.program_id(1))
-    q_start = tl.load(row_start + r)
-    q_end = tl.load(row_end + r)
-    L = tl.load(row_blk + r)
-    if q_start < q_end:
+    q_lo = tl.load(row_q_lo + r)
+    q_hi = tl.load(row_q_hi + r)
+    if q_lo < q_hi:
+        L = tl.load(row_blk + r)
         g = h // R
-        doc_start = q_start - L * BLOCK
+        doc_start = tl.load(row_key_start + r) - L * BLOCK
         offs_m = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         d_ok = offs_d < HEAD_DIM
-        tok = q_start + offs_m
-        ok = tok < q_end
-        qt = tok.to(tl.int64)
+        qrow = q_lo + offs_m
+        ok = qrow < q_hi
+        pos = key_pos(QPOS, qrow, ok, HAS_QPOS)
+        last = tl.max(tl.where(ok, pos, 0), 0)
+        qt = qrow.to(tl.int64)
         q = tl.load(Q + qt[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
@@ -51,13 +61,14 @@ def _dense_fwd_kernel(
         for kb in range(0, L + 1):
             key_tok = doc_start + kb * BLOCK + offs_m
             kt = key_tok.to(tl.int64)
-            kmask = (key_tok < q_end)[:, None] & d_ok[None, :]
+            kmask = (key_tok <= last)[:, None] & d_ok[None, :]
             k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=kmask, other=0.0)
             v = tl.load(V + kt[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=kmask, other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
-            if kb == L:  # diagonal tile: causal mask
-                s = tl.where(key_tok[None, :] <= tok[:, None], s, float("-inf"))
+            if kb == L:  # diagonal block: causal mask
+                s = tl.where(key_tok[None, :] <= pos[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.where(ok, m_new, 0.0)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -71,21 +82,24 @@ def _dense_fwd_kernel(
 
 @triton.jit
 def _dense_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    row_order, row_start, row_end, row_blk,
+    Q, K, V, DO, LSE, DELTA, DK, DV, QPOS,
+    row_order, row_key_start, row_doc_end, row_q_lo, row_q_doc_end,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
     sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
-    """Q, DO: [T, Hq, d]; K, V, DK, DV: [T, Hkv, d] with the same strides; LSE, DELTA [T, Hq]."""
+    """Q, DO: [Tq, Hq, d]; K, V, DK, DV: [T, Hkv, d] with the same strides; LSE, DELTA [Tq, Hq].
+
+    The key block's queries are every query row from its first one to its document's end, taken
+    BLOCK at a time (not block-aligned when qpos leaves gaps), so the causal mask is always applied.
+    """
     g = tl.program_id(0)
     r = tl.load(row_order + tl.program_id(1))
-    k_start = tl.load(row_start + r)
-    doc_end = tl.load(row_end + r)
-    kb = tl.load(row_blk + r)
+    k_start = tl.load(row_key_start + r)
+    doc_end = tl.load(row_doc_end + r)
     if k_start < doc_end:
-        doc_start = k_start - kb * BLOCK
-        n_tiles = (doc_end - doc_start + BLOCK - 1) // BLOCK
+        qa = tl.load(row_q_lo + r)
+        qb = tl.load(row_q_doc_end + r)
         offs_n = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         d_ok = offs_d < HEAD_DIM
@@ -98,17 +112,18 @@ def _dense_dkdv_kernel(
         dk = tl.zeros([BLOCK, D], tl.float32)
         dv = tl.zeros([BLOCK, D], tl.float32)
         for h in range(g * R, g * R + R):
-            for qb in range(kb, n_tiles):
-                tok = doc_start + qb * BLOCK + offs_n
-                ok = tok < doc_end
-                qt = tok.to(tl.int64)
+            for m0 in range(qa, qb, BLOCK):
+                qrow = m0 + offs_n
+                ok = qrow < qb
+                pos = key_pos(QPOS, qrow, ok, HAS_QPOS)
+                qt = qrow.to(tl.int64)
                 qmask = ok[:, None] & d_ok[None, :]
                 q = tl.load(Q + qt[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
                 do = tl.load(DO + qt[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
                 lse = tl.load(LSE + qt * stride_lt + h, mask=ok, other=0.0) * 1.4426950408889634
                 delta = tl.load(DELTA + qt * stride_lt + h, mask=ok, other=0.0)
                 s_t = tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]
-                visible = (key_tok[:, None] <= tok[None, :]) & ok[None, :]
+                visible = (key_tok[:, None] <= pos[None, :]) & ok[None, :]
                 p_t = tl.where(visible, tl.exp2(s_t), 0.0)
                 dv += tl.dot(p_t.to(do.dtype), do)
                 dp_t = tl.dot(v, tl.trans(do))
@@ -120,26 +135,28 @@ def _dense_dkdv_kernel(
 
 @triton.jit
 def _dense_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    row_order, row_start, row_end, row_blk,
+    Q, K, V, DO, LSE, DELTA, DQ, QPOS,
+    row_order, row_key_start, row_blk, row_q_lo, row_q_hi,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
     sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     h = tl.program_id(0)
     r = tl.load(row_order + tl.program_id(1))
-    q_start = tl.load(row_start + r)
-    q_end = tl.load(row_end + r)
-    L = tl.load(row_blk + r)
-    if q_start < q_end:
+    q_lo = tl.load(row_q_lo + r)
+    q_hi = tl.load(row_q_hi + r)
+    if q_lo < q_hi:
+        L = tl.load(row_blk + r)
         g = h // R
-        doc_start = q_start - L * BLOCK
+        doc_start = tl.load(row_key_start + r) - L * BLOCK
         offs_m = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         d_ok = offs_d < HEAD_DIM
-        tok = q_start + offs_m
-        ok = tok < q_end
-        qt = tok.to(tl.int64)
+        qrow = q_lo + offs_m
+        ok = qrow < q_hi
+        pos = key_pos(QPOS, qrow, ok, HAS_QPOS)
+        last = tl.max(tl.where(ok, pos, 0), 0)
+        qt = qrow.to(tl.int64)
         qmask = ok[:, None] & d_ok[None, :]
         q = tl.load(Q + qt[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
         do = tl.load(DO + qt[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
@@ -149,11 +166,11 @@ def _dense_dq_kernel(
         for kb in range(0, L + 1):
             key_tok = doc_start + kb * BLOCK + offs_m
             kt = key_tok.to(tl.int64)
-            kmask = (key_tok < q_end)[:, None] & d_ok[None, :]
+            kmask = (key_tok <= last)[:, None] & d_ok[None, :]
             k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=kmask, other=0.0)
             v = tl.load(V + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=kmask, other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]
-            visible = (key_tok[None, :] <= tok[:, None]) & ok[:, None]
+            visible = (key_tok[None, :] <= pos[:, None]) & ok[:, None]
             p = tl.where(visible, tl.exp2(s), 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = (p * (dp - delta[:, None])).to(k.dtype)
@@ -161,70 +178,101 @@ def _dense_dq_kernel(
         tl.store(DQ + qt[:, None] * stride_qt + h * stride_qh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
-def _rows(cu_seqlens, total, block, device):
-    start, end, blk, n_rows = doc_rows(cu_seqlens.to(device), total, block)
-    order = torch.argsort(blk, descending=True, stable=True).to(torch.int32)
-    remaining = (end.to(torch.int64) - start + block - 1) // block
-    korder = torch.argsort(remaining, descending=True, stable=True).to(torch.int32)
-    return start, end, blk, n_rows, order, korder
-
-
-def dense_forward(q, k, v, cu_seqlens, softmax_scale):
+def triton_forward(q, k, v, cu_seqlens, softmax_scale, qpos=None):
     total, hq, d = q.shape
     groups = k.shape[1]
     block = CONFIG["fwd_block"]
-    start, end, blk, n_rows, order, _ = _rows(cu_seqlens, total, block, q.device)
+    rows = block_rows(cu_seqlens.to(q.device), k.shape[0], block, qpos)
+    qp = positions(qpos, q.device)
     o = new_buffer((total, hq, d), q.dtype, q.device)
     lse = new_buffer((total, hq), torch.float32, q.device)
     if total:
-        _dense_fwd_kernel[(hq, n_rows)](
-            q, k, v, o, lse, order, start, end, blk,
+        _dense_fwd_kernel[(hq, rows.n)](
+            q, k, v, o, lse, qp if qp is not None else lse, rows.longest_first(), rows.key_start, rows.blk, rows.q_lo, rows.q_hi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             o.stride(0), o.stride(1), lse.stride(0),
             softmax_scale * LOG2E,
-            HEAD_DIM=d, D=max(16, next_pow2(d)), R=hq // groups, BLOCK=block,
+            HEAD_DIM=d, D=max(16, next_pow2(d)), R=hq // groups, BLOCK=block, HAS_QPOS=qp is not None,
             num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["fwd_stages"],
         )
     return o, lse
 
 
-def dense_backward(do, q, k, v, o, lse, dlse, cu_seqlens, softmax_scale):
+def triton_backward(do, q, k, v, o, lse, dlse, cu_seqlens, softmax_scale, qpos=None):
     total, hq, d = q.shape
     groups = k.shape[1]
+    dq = new_buffer(q.shape, q.dtype, q.device)
+    dk = torch.zeros_like(k)  # keys no query of this rank sees keep a zero gradient
+    dv = torch.zeros_like(v)
+    if total == 0:
+        return dq, dk, dv
     do = do.contiguous()
+    lse = lse.contiguous()
     delta = attention_delta(o, do, dlse)
     block = CONFIG["bwd_block"]
-    start, end, blk, n_rows, order, korder = _rows(cu_seqlens, total, block, q.device)
-    dq = new_buffer(q.shape, q.dtype, q.device)
-    dk = new_buffer(k.shape, k.dtype, k.device)
-    dv = new_buffer(v.shape, v.dtype, v.device)
-    if total:
-        common = dict(HEAD_DIM=d, D=max(16, next_pow2(d)), R=hq // groups, BLOCK=block,
-                      num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"])
-        _dense_dkdv_kernel[(groups, n_rows)](
-            q, k, v, do, lse, delta, dk, dv, korder, start, end, blk,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
-            softmax_scale, softmax_scale * LOG2E, **common,
-        )
-        _dense_dq_kernel[(hq, n_rows)](
-            q, k, v, do, lse, delta, dq, order, start, end, blk,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
-            softmax_scale, softmax_scale * LOG2E, **common,
-        )
+    rows = block_rows(cu_seqlens.to(q.device), k.shape[0], block, qpos)
+    qp = positions(qpos, q.device)
+    qp_arg = qp if qp is not None else lse
+    common = dict(HEAD_DIM=d, D=max(16, next_pow2(d)), R=hq // groups, BLOCK=block, HAS_QPOS=qp is not None,
+                  num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"])
+    _dense_dkdv_kernel[(groups, rows.n)](
+        q, k, v, do, lse, delta, dk, dv, qp_arg, rows.most_queries_first(), rows.key_start, rows.doc_end,
+        rows.q_lo, rows.q_doc_end,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
+        softmax_scale, softmax_scale * LOG2E, **common,
+    )
+    _dense_dq_kernel[(hq, rows.n)](
+        q, k, v, do, lse, delta, dq, qp_arg, rows.longest_first(), rows.key_start, rows.blk, rows.q_lo, rows.q_hi,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
+        softmax_scale, softmax_scale * LOG2E, **common,
+    )
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _triton_reference(q, k, v, do, cu, scale):
+    """Our kernels' (o, lse, (dq, dk, dv)): what a library candidate must agree with."""
+    o, lse = triton_forward(q, k, v, cu, scale)
+    return o, lse, triton_backward(do, q, k, v, o, lse, None, cu, scale)
+
+
+def dense_backend(q, k, cu_seqlens, max_seqlen, qpos=None) -> str:
+    """The kernel family the dense attention of this batch runs on (see the module docstring)."""
+    if qpos is not None or interpreting() or q.device.type != "cuda" or q.shape[0] == 0:
+        return "triton"
+    return dense_lib.choose(q, k, dense_lib.batch_kind(q, cu_seqlens, max_seqlen), _triton_reference)
 
 
 class DenseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, softmax_scale):
+    def forward(ctx, q, k, v, cu_seqlens, softmax_scale, max_seqlen, qpos):
+        ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the library backward serves
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = dense_forward(q, k, v, cu_seqlens, softmax_scale)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.softmax_scale = softmax_scale
+        name = dense_backend(q, k, cu_seqlens, max_seqlen, qpos)
+        state = ()
+        with timed(f"dense attention fwd ({name})"):
+            if name == "triton":
+                o, lse = triton_forward(q, k, v, cu_seqlens, softmax_scale, qpos)
+            else:
+                o, lse, state = dense_lib.forward(name, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, *([] if qpos is None else [qpos]), *state)
+        ctx.meta = (name, softmax_scale, max_seqlen, qpos is not None, len(state))
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = dense_backward(do, q, k, v, o, lse, dlse, cu_seqlens, ctx.softmax_scale)
-        return dq, dk, dv, None, None
+        name, scale, max_seqlen, has_qpos, n_state = ctx.meta
+        saved = ctx.saved_tensors
+        q, k, v, o, lse, cu = saved[:6]
+        qpos = saved[6] if has_qpos else None
+        state = saved[len(saved) - n_state :] if n_state else ()
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        if name != "triton" and dlse is None:
+            with timed(f"dense attention bwd ({name})"):
+                dq, dk, dv = dense_lib.backward(name, do, q, k, v, o, state, cu, max_seqlen, scale)
+        else:
+            with timed("dense attention bwd (triton)"):
+                dq, dk, dv = triton_backward(do, q, k, v, o, lse, dlse, cu, scale, qpos)
+        return dq, dk, dv, None, None, None, None

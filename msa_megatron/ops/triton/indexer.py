@@ -20,48 +20,33 @@ import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
 from msa_megatron.ops.triton.plan import SparsePlan, load_tile
+from msa_megatron.ops.triton.rows import block_rows, key_pos
 
 LOG2E = 1.4426950408889634
 
 CONFIG = {"select_warps": 8, "select_stages": 2, "ilse_rows": 64, "ilse_warps": 4}
 
 
-def doc_rows(cu_seqlens: torch.Tensor, total: int, block_size: int):
-    """Query/KV blocks of the packed batch: (start token, document end, block id), R upper bound."""
-    dev = cu_seqlens.device
-    cu = cu_seqlens.to(torch.int64)
-    n_docs = cu.numel() - 1
-    nblk = (cu[1:] - cu[:-1] + block_size - 1) // block_size
-    row_end = torch.cumsum(nblk, 0)
-    n_rows = total // block_size + n_docs
-    rows = torch.arange(n_rows, device=dev)
-    row_doc = torch.searchsorted(row_end, rows, right=True).clamp_(max=max(n_docs - 1, 0))
-    blk = rows - (row_end - nblk)[row_doc]
-    start = (cu[row_doc] + blk * block_size).clamp_(max=total)
-    end = cu[row_doc + 1]
-    blk = torch.where(start < end, blk, 0)  # rows past the real blocks: empty, block 0
-    return start.to(torch.int32), end.to(torch.int32), blk.to(torch.int32), n_rows
-
-
 @triton.jit
 def _select_topk_kernel(
     QI, KI, TopK,
-    row_order, row_start, row_end, row_blk,
+    row_order, row_key_start, row_blk, row_q_lo, row_q_hi,
     stride_qit, stride_qig, stride_kit, stride_tg, stride_tt,
     NSEL: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Query rows of one (group, document block); they share the local block L."""
     g = tl.program_id(0)
     r = tl.load(row_order + tl.program_id(1))
-    q_start = tl.load(row_start + r)
-    q_end = tl.load(row_end + r)
+    q_lo = tl.load(row_q_lo + r)
+    q_hi = tl.load(row_q_hi + r)
     L = tl.load(row_blk + r)
-    if q_start < q_end:
-        doc_start = q_start - L * BLOCK
+    if q_lo < q_hi:
+        doc_start = tl.load(row_key_start + r) - L * BLOCK
         offs_m = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, DP)
         d_ok = offs_d < DI
-        tok = q_start + offs_m
-        row_ok = tok < q_end
+        tok = q_lo + offs_m  # query rows
+        row_ok = tok < q_hi
         qi = tl.load(QI + tok.to(tl.int64)[:, None] * stride_qit + g * stride_qig + offs_d[None, :],
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         cols = tl.arange(0, KP)
@@ -89,18 +74,22 @@ def _select_topk_kernel(
                  mask=row_ok[:, None] & (cols < NSEL)[None, :])
 
 
-def select_topk(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int):
+def select_topk(qi, ki, cu_seqlens, block_size: int, topk: int, qpos=None, rows=None):
+    """[G, Tq, k] int32 selection of the query rows qi (key rows given by qpos; None: qi rows = key rows).
+
+    `rows`: block_rows of this batch, when the caller has them already.
+    """
     total, groups, di = qi.shape
     qi = qi.contiguous()
-    ki = ki.reshape(total, di).contiguous() if ki.dim() == 3 else ki.contiguous()
-    start, end, blk, n_rows = doc_rows(cu_seqlens.to(qi.device), total, block_size)
-    order = torch.argsort(blk, descending=True, stable=True).to(torch.int32)  # long rows first
+    ki = ki.reshape(ki.shape[0], di).contiguous()
+    if rows is None:
+        rows = block_rows(cu_seqlens.to(qi.device), ki.shape[0], block_size, qpos)
     out = new_buffer((groups, total, topk), torch.int32, qi.device)
     if total == 0:
         return out
     with timed("select top-k kernel"):
-        _select_topk_kernel[(groups, n_rows)](
-            qi, ki, out, order, start, end, blk,
+        _select_topk_kernel[(groups, rows.n)](
+            qi, ki, out, rows.longest_first(), rows.key_start, rows.blk, rows.q_lo, rows.q_hi,
             qi.stride(0), qi.stride(1), ki.stride(0), out.stride(0), out.stride(1),
             NSEL=topk, KP=next_pow2(topk), DI=di, DP=max(16, next_pow2(di)), BLOCK=block_size,
             num_warps=CONFIG["select_warps"], num_stages=CONFIG["select_stages"],
@@ -110,11 +99,11 @@ def select_topk(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens: torch.Tensor, bl
 
 @triton.jit
 def _index_lse_part_kernel(
-    QI, KI, L_part,
+    QI, KI, L_part, QPOS,
     tiles, entry_tok, entry_slot, row_key_start, row_key_end,
     stride_qit, stride_qig, stride_kit, stride_lg, stride_lt,
     scale_log2,
-    DI: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DI: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     """L_part[g, i, slot] = logsumexp over the visible keys of the slot's block of the index scores."""
     t = tl.program_id(0)
@@ -134,7 +123,7 @@ def _index_lse_part_kernel(
         qi = tl.load(QI + tok.to(tl.int64)[:, None] * stride_qit + g * stride_qig + offs_d[None, :],
                      mask=ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(qi, tl.trans(ki))
-        visible = (key_tok[None, :] <= tok[:, None]) & key_ok[None, :]
+        visible = (key_tok[None, :] <= key_pos(QPOS, tok, ok, HAS_QPOS)[:, None]) & key_ok[None, :]
         s = tl.where(visible, s * scale_log2, float("-inf"))
         m = tl.where(ok, tl.max(s, 1), 0.0)
         l = tl.where(ok, tl.sum(tl.exp2(s - m[:, None]), 1), 1.0)
@@ -143,21 +132,22 @@ def _index_lse_part_kernel(
 
 
 def index_lse(qi, ki, topk, plan: SparsePlan, index_scale: float):
-    """[G, T] fp32: log-sum-exp of index_scale * qi.ki over each (query, group)'s selected support."""
+    """[G, Tq] fp32: log-sum-exp of index_scale * qi.ki over each (query, group)'s selected support."""
     total, groups, di = qi.shape
     qi = qi.contiguous()
-    ki = ki.reshape(total, di).contiguous()
+    ki = ki.reshape(ki.shape[0], di).contiguous()
     part = new_buffer(topk.shape, torch.float32, qi.device)
     tiles = plan.tiles["ilse"]
-    n = tiles.chunk_tiles[-1]
-    if n:
+    n = plan.n_chunks * tiles.cap
+    if total and n:
         with timed("index lse kernel"):
             _index_lse_part_kernel[(n,)](
-                qi, ki, part, tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
+                qi, ki, part, plan.qpos_arg(part), tiles.tiles, plan.entry_tok, plan.entry_slot,
+                plan.row_key_start, plan.row_key_end,
                 qi.stride(0), qi.stride(1), ki.stride(0), part.stride(0), part.stride(1),
                 index_scale * LOG2E,
                 DI=di, DP=max(16, next_pow2(di)), BLOCK_M=CONFIG["ilse_rows"], BLOCK_N=plan.block_size,
-                num_warps=CONFIG["ilse_warps"],
+                HAS_QPOS=plan.has_qpos, num_warps=CONFIG["ilse_warps"],
             )
     part = torch.where(topk >= 0, part, float("-inf"))
     return torch.logsumexp(part, dim=-1)

@@ -5,9 +5,11 @@ student P_idx = exp(index_scale qi.ki - index_lse). ds = P_idx - P_T on the supp
 dqi = c * sum_j ds ki_j and dki = c * sum_{i,g} ds qi, c = index_scale / (T * total_groups).
 
 Sparse stage: KV-outer over the plan, as the attention (dki of a block accumulates in registers,
-dqi goes to per-slot partials, then fixed-order sums). Dense warm-up: a query-owner pass streams
-all visible keys (online index lse, dqi, KL value), then a key-owner pass computes dki with that
-lse. No atomics anywhere.
+dqi goes to per-slot partials, then fixed-order sums). Dense warm-up: the student lse first (index
+scores only, cheap), then one key-owner pass computes the teacher once per (query, key) and
+everything that needs it (value, dki in registers, dqi shares per key block), then a fixed-order
+sum of the shares. No atomics anywhere. The normaliser T is the key-row count (k.shape[0]), so
+ranks holding a subset of the queries (qpos, context parallelism) sum to the whole KL.
 """
 
 from __future__ import annotations
@@ -17,17 +19,23 @@ import triton
 import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
-from msa_megatron.ops.triton.indexer import doc_rows
 from msa_megatron.ops.triton.plan import SparsePlan, load_tile
+from msa_megatron.ops.triton.rows import block_rows, key_pos, positions
 from msa_megatron.ops.triton.sparse_attn import _block_ws_sum_kernel, slot_sum
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index scores only)
 
-# Launch knobs (fastest on an H200 at Hq 64 / Hkv 4 / d 128; kl_rows = queries per step).
+# Launch knobs (H200, Hq 64 / Hkv 4 / d 128). kl_rows = queries per step of the sparse kernel;
+# dense_block = keys per program and dense_rows = queries per step of the dense kernel,
+# dense_query_rows its tile orientation; the dense dqi-share workspace is bounded by dense_ws_mib
+# (bf16 shares unless dense_ws_fp32). Dense values: the fastest of 8 variants at 32K on an H200
+# (docs/kernel_notes.md, round 2), 234 TF/s; every variant spills registers.
 CONFIG = {
     "kl_rows": 64, "kl_warps": 8, "kl_stages": 3,
-    "dense_block": 128, "dense_warps": 8, "dense_stages": 2,
+    "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
+    "dense_ws_mib": 2048, "dense_ws_fp32": False,
 }
 
 
@@ -36,14 +44,14 @@ CONFIG = {
 
 @triton.jit
 def _kl_sparse_kernel(
-    Q, K, QI, KI, LSE, ILSE, DQI_part, DKI_ws, KL_tile,
+    Q, K, QI, KI, LSE, ILSE, DQI_part, DKI_ws, KL_tile, QPOS,
     tiles, entry_tok, entry_slot, row_key_start, row_key_end,
     tile0, q0,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
     stride_lt, stride_ig, stride_ps, stride_pt, stride_pg,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     """One plan tile: a KV block of group g and BLOCK_M of its queries per step, keys as rows.
 
@@ -76,7 +84,7 @@ def _kl_sparse_kernel(
         qt = tok.to(tl.int64)
         qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0)
         ilse = tl.load(ILSE + g.to(tl.int64) * stride_ig + qt, mask=ok, other=0.0) * 1.4426950408889634
-        visible = (key_tok[:, None] <= tok[None, :]) & key_ok[:, None] & ok[None, :]
+        visible = (key_tok[:, None] <= key_pos(QPOS, tok, ok, HAS_QPOS)[None, :]) & key_ok[:, None] & ok[None, :]
         s_idx = tl.dot(ki, tl.trans(qi)) * iqk_scale - ilse[None, :]  # log2 P_idx, [N, M]
         p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
         p_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -100,49 +108,54 @@ def _kl_sparse_kernel(
 
 
 def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scale, index_scale, total_groups):
-    """(KL value, dqi, dki) of the sparse stage; grads are for a KL of weight 1."""
+    """(KL value, dqi, dki) of the sparse stage; grads are for a KL of weight 1.
+
+    Normalised by the key-row count (all tokens of the micro-batch) times total_groups, so ranks
+    that hold a subset of the queries (plan.qpos) or of the groups sum to the whole KL.
+    """
     total, hq, d = q.shape
+    n_keys = k.shape[0]
     groups, di = qi.shape[1], qi.shape[2]
     r = hq // groups
     nslot = topk.shape[-1]
     D, DIP = max(16, next_pow2(d)), max(16, next_pow2(di))
-    ki2 = ki.reshape(total, di).contiguous()
+    ki2 = ki.reshape(n_keys, di).contiguous()
     index_lse = index_lse.to(torch.float32).contiguous()
     lse = lse.contiguous()
-    grad_scale = index_scale / (total * total_groups)
+    grad_scale = index_scale / (n_keys * total_groups)
     dqi = new_buffer((total, groups, di), torch.float32, q.device)
-    dki = torch.zeros((total, 1, di), dtype=torch.float32, device=q.device)
-    chunk = min(plan.chunk, total)
-    dqi_part = new_buffer((nslot, chunk, groups, di), torch.float32, q.device)
+    dki = torch.zeros((n_keys, 1, di), dtype=torch.float32, device=q.device)
     tiles = plan.tiles["kl"]
-    kl_tile = torch.zeros(max(1, tiles.chunk_tiles[-1]), dtype=torch.float32, device=q.device)
+    kl_tile = torch.zeros(max(1, plan.n_chunks * tiles.cap), dtype=torch.float32, device=q.device)
+    if total == 0:
+        return kl_tile.sum(), dqi, dki
+    dqi_part = new_buffer((nslot, plan.chunk, groups, di), torch.float32, q.device)
     cfg = CONFIG
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
-        if t1 > t0:
-            ws = new_buffer((t1 - t0, plan.block_size, DIP), torch.float32, q.device)
-            args = (
-                q, k, qi, ki2, lse, index_lse, dqi_part, ws, kl_tile,
-                tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
-                t0, q0,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-                lse.stride(0), index_lse.stride(0), dqi_part.stride(0), dqi_part.stride(1), dqi_part.stride(2),
-                softmax_scale * LOG2E, index_scale * LOG2E,
+        ws = new_buffer((t1 - t0, plan.block_size, DIP), torch.float32, q.device)
+        args = (
+            q, k, qi, ki2, lse, index_lse, dqi_part, ws, kl_tile, plan.qpos_arg(lse),
+            tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
+            t0, q0,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
+            lse.stride(0), index_lse.stride(0), dqi_part.stride(0), dqi_part.stride(1), dqi_part.stride(2),
+            softmax_scale * LOG2E, index_scale * LOG2E,
+        )
+        with timed("KL sparse kernel"):
+            _kl_sparse_kernel[(t1 - t0,)](
+                *args, HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_M=cfg["kl_rows"], BLOCK_N=plan.block_size,
+                HAS_QPOS=plan.has_qpos, num_warps=cfg["kl_warps"], num_stages=cfg["kl_stages"],
             )
-            with timed("KL sparse kernel"):
-                _kl_sparse_kernel[(t1 - t0,)](
-                    *args, HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_M=cfg["kl_rows"], BLOCK_N=plan.block_size,
-                    num_warps=cfg["kl_warps"], num_stages=cfg["kl_stages"],
-                )
-            with timed("KL dki workspace sum"):
-                _block_ws_sum_kernel[(plan.n_rows, 1)](
-                    ws, dki, tiles.seg_tile_first, tiles.seg_tile_count, plan.row_key_start, plan.row_key_end,
-                    c * groups * plan.n_rows, t0, plan.n_rows, groups, dki.stride(0), dki.stride(1),
-                    HEAD_DIM=di, D=DIP, BLOCK_N=plan.block_size, ALL_GROUPS=True, SKIP_SINGLE=False, num_warps=8,
-                )
+        with timed("KL dki workspace sum"):
+            _block_ws_sum_kernel[(plan.n_rows, 1)](
+                ws, dki, tiles.seg_tile_first, tiles.seg_tile_count, plan.row_key_start, plan.row_key_end,
+                c * groups * plan.n_rows, t0, plan.n_rows, groups, dki.stride(0), dki.stride(1),
+                HEAD_DIM=di, D=DIP, BLOCK_N=plan.block_size, ALL_GROUPS=True, SKIP_SINGLE=False, num_warps=8,
+            )
         slot_sum(dqi_part, topk, dqi, q0, q1, grad_scale, 1)
-    value = kl_tile.sum() / (total * total_groups)
+    value = kl_tile.sum() / (n_keys * total_groups)
     return value, dqi, dki * grad_scale
 
 
@@ -150,156 +163,249 @@ def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scal
 
 
 @triton.jit
-def _kl_dense_query_kernel(
-    Q, K, QI, KI, LSE, ILSE, DQI, KL_row,
-    row_order, row_start, row_end, row_blk,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
-    stride_lt, stride_ig, stride_dt, stride_dg,
-    qk_scale, iqk_scale, grad_scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _kl_dense_index_lse_kernel(
+    QI, KI, ILSE, QPOS,
+    row_order, row_key_start, row_blk, row_q_lo, row_q_hi,
+    stride_qit, stride_qig, stride_kit, stride_ig,
+    iqk_scale,
+    DI: tl.constexpr, DIP: tl.constexpr, BLOCK: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
-    """Query-owner pass: online index lse, dqi and the KL of each (query, group) row."""
+    """Pass 1, query-owner: the student's lse over every visible key of the document."""
     g = tl.program_id(0)
     r = tl.load(row_order + tl.program_id(1))
-    q_start = tl.load(row_start + r)
-    q_end = tl.load(row_end + r)
-    L = tl.load(row_blk + r)
-    if q_start < q_end:
-        doc_start = q_start - L * BLOCK
+    q_lo = tl.load(row_q_lo + r)
+    q_hi = tl.load(row_q_hi + r)
+    if q_lo < q_hi:
+        L = tl.load(row_blk + r)
+        doc_start = tl.load(row_key_start + r) - L * BLOCK
         offs_m = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, D)
         offs_i = tl.arange(0, DIP)
-        d_ok = offs_d < HEAD_DIM
         i_ok = offs_i < DI
-        tok = q_start + offs_m
-        ok = tok < q_end
-        qt = tok.to(tl.int64)
+        qrow = q_lo + offs_m
+        ok = qrow < q_hi
+        pos = key_pos(QPOS, qrow, ok, HAS_QPOS)
+        last = tl.max(tl.where(ok, pos, 0), 0)
+        qt = qrow.to(tl.int64)
         qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
-        acc_s = tl.zeros([BLOCK, DIP], tl.float32)  # sum_j exp(s_j - m) ki_j (student, online)
-        acc_t = tl.zeros([BLOCK, DIP], tl.float32)  # sum_j P_T ki_j
-        kl_a = tl.zeros([BLOCK], tl.float32)  # sum_j P_T (log2 P_T - s_j)
-        pt_sum = tl.zeros([BLOCK], tl.float32)
         for kb in range(0, L + 1):
             key_tok = doc_start + kb * BLOCK + offs_m
             kt = key_tok.to(tl.int64)
-            key_ok = key_tok < q_end
-            ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=key_ok[:, None] & i_ok[None, :], other=0.0)
-            kg = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            visible = (key_tok[None, :] <= tok[:, None]) & ok[:, None]
-            s = tl.where(visible, tl.dot(qi, tl.trans(ki)) * iqk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_new = tl.where(ok, m_new, 0.0)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc_s = acc_s * alpha[:, None] + tl.dot(p.to(ki.dtype), ki)
+            ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=(key_tok <= last)[:, None] & i_ok[None, :], other=0.0)
+            s = tl.dot(qi, tl.trans(ki)) * iqk_scale
+            s = tl.where((key_tok[None, :] <= pos[:, None]) & ok[:, None], s, float("-inf"))
+            m_new = tl.where(ok, tl.maximum(m_i, tl.max(s, 1)), 0.0)
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
             m_i = m_new
-            p_t = tl.zeros([BLOCK, BLOCK], tl.float32)
-            for h in range(R):
-                head = g * R + h
-                qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-                lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
-                sh = tl.dot(qh, tl.trans(kg)) * qk_scale - lse[:, None]
-                p_t += tl.where(visible, tl.exp2(sh), 0.0)
-            p_t = p_t * (1.0 / R)
-            acc_t += tl.dot(p_t.to(ki.dtype), ki)
-            kl_a += tl.sum(tl.where(visible & (p_t > 0), p_t * (tl.log2(p_t) - s), 0.0), 1)
-            pt_sum += tl.sum(p_t, 1)
         l_i = tl.where(ok, l_i, 1.0)
-        lse_idx = m_i + tl.log2(l_i)  # log2 units
-        dqi = (acc_s / l_i[:, None] - acc_t) * grad_scale
-        tl.store(DQI + qt[:, None] * stride_dt + g * stride_dg + offs_i[None, :], dqi, mask=ok[:, None] & i_ok[None, :])
-        tl.store(ILSE + g.to(tl.int64) * stride_ig + qt, lse_idx * 0.6931471805599453, mask=ok)
-        tl.store(KL_row + g.to(tl.int64) * stride_ig + qt, (kl_a + lse_idx * pt_sum) * 0.6931471805599453, mask=ok)
+        tl.store(ILSE + g.to(tl.int64) * stride_ig + qt, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
 
 
 @triton.jit
-def _kl_dense_key_kernel(
-    Q, K, QI, KI, LSE, ILSE, DKI,
-    row_order, row_start, row_end, row_blk, n_groups,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
-    stride_lt, stride_ig, stride_dkt,
-    qk_scale, iqk_scale, grad_scale,
+def _kl_dense_step(
+    Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, ok, pos, g,
+    stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig,
+    qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
-    BLOCK: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
 ):
-    """Key-owner pass: dki of one key tile over every later query of the document, all groups."""
+    """One (key block, query tile) step: (dki share [N, DI], dqi share [M, DI], KL terms [M], log2).
+
+    The teacher sums the r heads' probabilities in one tile; QUERY_ROWS picks its orientation
+    ([queries, keys]: Q_h is the streamed left operand; [keys, queries]: K is). Both are exact.
+    """
+    offs_d = tl.arange(0, D)
+    offs_i = tl.arange(0, DIP)
+    qt = qrow.to(tl.int64)
+    qmask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & (offs_i < DI)[None, :], other=0.0)
+    ilse = tl.load(ILSE + g.to(tl.int64) * stride_ig + qt, mask=ok, other=0.0) * 1.4426950408889634
+    if QUERY_ROWS:
+        p_t = tl.zeros([qrow.shape[0], key_tok.shape[0]], tl.float32)
+        for h in range(R):
+            head = g * R + h
+            qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+            lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
+            p_t += tl.exp2(tl.dot(qh, tl.trans(k)) * qk_scale - lse[:, None])
+        visible = (key_tok[None, :] <= pos[:, None]) & key_ok[None, :] & ok[:, None]
+        p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
+        s_idx = tl.dot(qi, tl.trans(ki)) * iqk_scale - ilse[:, None]  # log2 P_idx
+        p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
+        kl = tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 1)
+        ds = (p_idx - p_t).to(qi.dtype)
+        return tl.dot(tl.trans(ds), qi), tl.dot(ds, ki), kl
+    else:
+        p_t = tl.zeros([key_tok.shape[0], qrow.shape[0]], tl.float32)
+        for h in range(R):
+            head = g * R + h
+            qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+            lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
+            p_t += tl.exp2(tl.dot(k, tl.trans(qh)) * qk_scale - lse[None, :])
+        visible = (key_tok[:, None] <= pos[None, :]) & key_ok[:, None] & ok[None, :]
+        p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
+        s_idx = tl.dot(ki, tl.trans(qi)) * iqk_scale - ilse[None, :]  # log2 P_idx
+        p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
+        kl = tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 0)
+        ds = (p_idx - p_t).to(qi.dtype)
+        return tl.dot(ds, qi), tl.dot(tl.trans(ds), ki), kl
+
+
+@triton.jit
+def _kl_dense_kernel(
+    Q, K, QI, KI, LSE, ILSE, QPOS, W, DKI_part, KL_part,
+    row_order, row_key_start, row_doc_end, row_blk, row_q_lo, row_q_doc_end,
+    q0, q1, n_rows,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
+    stride_lt, stride_ig, stride_wg, stride_wt, stride_wb, stride_dg, stride_dt,
+    qk_scale, iqk_scale,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_QPOS: tl.constexpr, QUERY_ROWS: tl.constexpr,
+):
+    """Pass 2, key-owner: one key block of group g against every later query row in [q0, q1).
+
+    The teacher of each (key, query) pair is computed once (_kl_dense_step), then the student, the
+    KL terms and ds = P_idx - P_T. dki of the block accumulates in registers; each query's dqi
+    share of this block goes to W[g, query - q0, block] for the fixed-order sum of pass 3.
+    """
     r = tl.load(row_order + tl.program_id(0))
-    k_start = tl.load(row_start + r)
-    doc_end = tl.load(row_end + r)
-    kb = tl.load(row_blk + r)
-    if k_start < doc_end:
-        doc_start = k_start - kb * BLOCK
-        n_tiles = (doc_end - doc_start + BLOCK - 1) // BLOCK
-        offs_n = tl.arange(0, BLOCK)
+    g = tl.program_id(1)
+    key_start = tl.load(row_key_start + r)
+    doc_end = tl.load(row_doc_end + r)
+    qa = tl.maximum(tl.load(row_q_lo + r), q0)
+    qb = tl.minimum(tl.load(row_q_doc_end + r), q1)
+    if qa < qb:
+        kb = tl.load(row_blk + r)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         offs_i = tl.arange(0, DIP)
-        d_ok = offs_d < HEAD_DIM
         i_ok = offs_i < DI
-        key_tok = k_start + offs_n
+        key_tok = key_start + offs_n
         key_ok = key_tok < doc_end
         kt = key_tok.to(tl.int64)
+        k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
         ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=key_ok[:, None] & i_ok[None, :], other=0.0)
-        dki = tl.zeros([BLOCK, DIP], tl.float32)
-        for g in range(0, n_groups):
-            kg = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            for qb in range(kb, n_tiles):
-                tok = doc_start + qb * BLOCK + offs_n
-                ok = tok < doc_end
-                qt = tok.to(tl.int64)
-                qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0)
-                ilse = tl.load(ILSE + tl.cast(g, tl.int64) * stride_ig + qt, mask=ok, other=0.0) * 1.4426950408889634
-                visible = (key_tok[:, None] <= tok[None, :]) & ok[None, :] & key_ok[:, None]
-                p_idx = tl.where(visible, tl.exp2(tl.dot(ki, tl.trans(qi)) * iqk_scale - ilse[None, :]), 0.0)
-                p_t = tl.zeros([BLOCK, BLOCK], tl.float32)
-                for h in range(R):
-                    head = g * R + h
-                    qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-                    lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
-                    p_t += tl.where(visible, tl.exp2(tl.dot(kg, tl.trans(qh)) * qk_scale - lse[None, :]), 0.0)
-                ds = (p_idx - p_t * (1.0 / R)).to(qi.dtype)
-                dki += tl.dot(ds, qi)
-        tl.store(DKI + kt[:, None] * stride_dkt + offs_i[None, :], dki * grad_scale, mask=key_ok[:, None] & i_ok[None, :])
+        dki = tl.zeros([BLOCK_N, DIP], tl.float32)
+        kl = tl.zeros([BLOCK_M], tl.float32)
+        for m0 in range(qa, qb, BLOCK_M):
+            qrow = m0 + offs_m
+            ok = qrow < qb
+            pos = key_pos(QPOS, qrow, ok, HAS_QPOS)
+            dki_share, dqi, kl_share = _kl_dense_step(
+                Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, ok, pos, g,
+                stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig, qk_scale, iqk_scale,
+                HEAD_DIM, D, DI, DIP, R, QUERY_ROWS,
+            )
+            dki += dki_share
+            kl += kl_share
+            qt = qrow.to(tl.int64)
+            w = W + g.to(tl.int64) * stride_wg + (qt - q0)[:, None] * stride_wt + kb.to(tl.int64) * stride_wb + offs_i[None, :]
+            tl.store(w, dqi.to(W.dtype.element_ty), mask=ok[:, None] & i_ok[None, :])
+        d = DKI_part + g.to(tl.int64) * stride_dg + kt[:, None] * stride_dt + offs_i[None, :]
+        dmask = key_ok[:, None] & i_ok[None, :]
+        tl.store(d, tl.load(d, mask=dmask, other=0.0) + dki, mask=dmask)
+        klp = KL_part + g.to(tl.int64) * n_rows + r
+        tl.store(klp, tl.load(klp) + tl.sum(kl, 0) * 0.6931471805599453)
 
 
-def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_groups):
-    """(KL value, dqi, dki) with the support = every visible token of the document."""
+@triton.jit
+def _kl_dense_dqi_kernel(
+    W, DQI, QBLK, q0, q1, grad_scale,
+    stride_wg, stride_wt, stride_wb, stride_dt, stride_dg,
+    DI: tl.constexpr, DIP: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Pass 3: dqi[i, g] = grad_scale * sum over blocks b <= L(i) of W[g, i - q0, b] (fixed order)."""
+    g = tl.program_id(1)
+    qrow = q0 + tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = qrow < q1
+    offs_i = tl.arange(0, DIP)
+    i_ok = offs_i < DI
+    L = tl.load(QBLK + qrow, mask=ok, other=-1)
+    qt = qrow.to(tl.int64)
+    acc = tl.zeros([ROWS, DIP], tl.float32)
+    w = W + g.to(tl.int64) * stride_wg + (qt - q0)[:, None] * stride_wt + offs_i[None, :]
+    for b in range(0, tl.max(L, 0) + 1):
+        acc += tl.load(w + b * stride_wb, mask=(b <= L)[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(DQI + qt[:, None] * stride_dt + g * stride_dg + offs_i[None, :], acc * grad_scale, mask=ok[:, None] & i_ok[None, :])
+
+
+def _dense_query_chunk(n_q, groups, n_blocks, di, itemsize):
+    """Query rows per pass of the dense KL: the dqi workspace [G, rows, blocks, di] within its budget."""
+    budget = int(CONFIG["dense_ws_mib"]) << 20
+    rows = budget // max(1, groups * n_blocks * di * itemsize)
+    rows = max(CONFIG["dense_rows"], rows // CONFIG["dense_rows"] * CONFIG["dense_rows"])
+    return max(1, min(rows, n_q))
+
+
+def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_groups, qpos=None):
+    """(KL value, dqi, dki) with the support = every visible token of the document.
+
+    Three passes, the teacher computed once per (query, key): (1) student lse per query
+    (query-owner, index scores only); (2) key-owner teacher + student + dki + per-block dqi shares;
+    (3) dqi = fixed-order sum of the shares. Queries run in chunks that bound the share buffer.
+    """
     total, hq, d = q.shape
+    n_keys = k.shape[0]
     groups, di = qi.shape[1], qi.shape[2]
     r = hq // groups
     D, DIP = max(16, next_pow2(d)), max(16, next_pow2(di))
-    ki2 = ki.reshape(total, di).contiguous()
+    dev = q.device
+    ki2 = ki.reshape(n_keys, di).contiguous()
     lse = lse.contiguous()
-    grad_scale = index_scale / (total * total_groups)
+    grad_scale = index_scale / (n_keys * total_groups)
     block = CONFIG["dense_block"]
-    start, end, blk, n_rows = doc_rows(cu_seqlens.to(q.device), total, block)
-    dqi = new_buffer((total, groups, di), torch.float32, q.device)
-    dki = new_buffer((total, 1, di), torch.float32, q.device)
-    ilse = new_buffer((groups, total), torch.float32, q.device)
-    kl_row = new_buffer((groups, total), torch.float32, q.device)
+    cu = cu_seqlens.to(dev)
+    rows = block_rows(cu, n_keys, block, qpos)
+    qp = positions(qpos, dev)
+    dqi = new_buffer((total, groups, di), torch.float32, dev)
+    dki_part = torch.zeros((groups, n_keys, DIP), dtype=torch.float32, device=dev)
+    kl_part = torch.zeros((groups, rows.n), dtype=torch.float32, device=dev)
     if total == 0:
-        return torch.zeros((), device=q.device), dqi, dki
-    order = torch.argsort(blk, descending=True, stable=True).to(torch.int32)
-    common = dict(HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK=block,
-                  num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"])
-    _kl_dense_query_kernel[(groups, n_rows)](
-        q, k, qi, ki2, lse, ilse, dqi, kl_row, order, start, end, blk,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-        lse.stride(0), ilse.stride(0), dqi.stride(0), dqi.stride(1),
-        softmax_scale * LOG2E, index_scale * LOG2E, grad_scale, **common,
-    )
-    remaining = (end.to(torch.int64) - start + block - 1) // block  # query tiles at or after the key tile
-    korder = torch.argsort(remaining, descending=True, stable=True).to(torch.int32)
-    _kl_dense_key_kernel[(n_rows,)](
-        q, k, qi, ki2, lse, ilse, dki, korder, start, end, blk, groups,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-        lse.stride(0), ilse.stride(0), dki.stride(0),
-        softmax_scale * LOG2E, index_scale * LOG2E, grad_scale, **common,
-    )
-    value = kl_row.sum() / (total * total_groups)
+        return kl_part.sum(), dqi, dki_part.sum(0)[:, :di].reshape(n_keys, 1, di)
+    ilse = new_buffer((groups, total), torch.float32, dev)
+    qp_arg = qp if qp is not None else ilse
+    with timed("KL dense index lse"):
+        lse_rows = block_rows(cu, n_keys, ILSE_BLOCK, qpos)
+        _kl_dense_index_lse_kernel[(groups, lse_rows.n)](
+            qi, ki2, ilse, qp_arg, lse_rows.longest_first(), lse_rows.key_start, lse_rows.blk, lse_rows.q_lo, lse_rows.q_hi,
+            qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0), index_scale * LOG2E,
+            DI=di, DIP=DIP, BLOCK=ILSE_BLOCK, HAS_QPOS=qp is not None, num_warps=8, num_stages=2,
+        )
+    # Each query's block inside its document (pass 3 sums blocks 0..L).
+    pos = torch.arange(total, device=dev) if qp is None else qp.to(torch.int64)
+    cu64 = cu.to(torch.int64)
+    qblk = ((pos - cu64[torch.searchsorted(cu64[1:], pos, right=True)]) // block).to(torch.int32)
+    n_blocks = -(-n_keys // block)
+    ws_dtype = torch.float32 if CONFIG["dense_ws_fp32"] else qi.dtype
+    chunk = _dense_query_chunk(total, groups, n_blocks, di, torch.finfo(ws_dtype).bits // 8)
+    # Shares block-major ([G, block, query, di]): a key block's program writes, and pass 3 reads,
+    # consecutive queries' rows contiguously.
+    w = new_buffer((groups, n_blocks, chunk, di), ws_dtype, dev)
+    order = rows.most_queries_first()
+    dq_rows = 64
+    for q0 in range(0, total, chunk):
+        q1 = min(q0 + chunk, total)
+        with timed("KL dense kernel"):
+            _kl_dense_kernel[(rows.n, groups)](
+                q, k, qi, ki2, lse, ilse, qp_arg, w, dki_part, kl_part,
+                order, rows.key_start, rows.doc_end, rows.blk, rows.q_lo, rows.q_doc_end,
+                q0, q1, rows.n,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
+                lse.stride(0), ilse.stride(0), w.stride(0), w.stride(2), w.stride(1), dki_part.stride(0), dki_part.stride(1),
+                softmax_scale * LOG2E, index_scale * LOG2E,
+                HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_N=block, BLOCK_M=CONFIG["dense_rows"],
+                HAS_QPOS=qp is not None, QUERY_ROWS=CONFIG["dense_query_rows"],
+                num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"],
+            )
+        with timed("KL dense dqi sum"):
+            _kl_dense_dqi_kernel[(triton.cdiv(q1 - q0, dq_rows), groups)](
+                w, dqi, qblk, q0, q1, grad_scale,
+                w.stride(0), w.stride(2), w.stride(1), dqi.stride(0), dqi.stride(1),
+                DI=di, DIP=DIP, ROWS=dq_rows, num_warps=4,
+            )
+    value = kl_part.sum() / (n_keys * total_groups)
+    dki = dki_part.sum(0)[:, :di].reshape(n_keys, 1, di) * grad_scale
     return value, dqi, dki
 
 

@@ -1,33 +1,37 @@
-"""Block -> queries CSR ("plan") built once per layer from the top-k selection.
+"""Block -> queries CSR ("plan") built once per layer from the top-k selection, without a host sync.
 
 The sparse kernels are KV-outer: a program owns one KV block of one group and gathers the queries
-that selected it. This module turns the query-major selection [G, T, k] into that block-major form,
-with torch ops on the selection's device and a single host sync (for the launch grids).
+that selected it. This module turns the query-major selection [G, Tq, k] into that block-major form
+with torch ops on the selection's device. Nothing is read back to the host, so the layer can be
+captured in a CUDA graph: launch grids use per-chunk upper bounds and surplus programs find an
+empty tile.
 
 Layout
-- rows: every document-local KV block of the batch, numbered document by document
-  (row_key_start / row_key_end give its first token and its document's end, packed indices).
-- entries: the valid (query, slot) pairs of the selection, sorted by (query chunk, group, row,
-  query). entry_tok = packed query index, entry_slot = its slot in topk[g, i, :].
-- segments: one per (chunk, group, row), key = (chunk * G + g) * R + row; seg_start/seg_count
-  index the entries.
-- tiles: a segment cut into pieces of at most `queries` queries, one program each:
-  tiles[t] = (g, row, first entry, count); tiles of chunk c are [chunk_tiles[c], chunk_tiles[c+1]).
+- rows: the document-local KV blocks of the key rows (rows.py); row_key_start / row_key_end give
+  a block's first key row and its document's end.
+- entries: the (query row, slot) pairs of the selection sorted by (query chunk, group, row, query);
+  valid ones first. entry_tok = query row, entry_slot = its slot in topk[g, i, :]. A query's key
+  position (for the causal mask) is qpos[query row], or the row itself when qpos is None.
+- segments: one per (chunk, group, row); seg_start / seg_count index the entries.
+- tiles: a segment cut into pieces of at most `queries` entries, one program each. Chunk c owns the
+  tile slots [c * cap, (c + 1) * cap); tiles[t] = (g, row, first entry, count), count 0 for unused
+  slots (then the row is 0 and the kernels do nothing with it).
 
-Queries are processed in chunks of `chunk` tokens so that per-slot partial buffers (k per query)
-stay bounded; entries of one chunk are contiguous.
+Queries are processed in chunks of `chunk` rows so that per-slot partial buffers (k per query)
+stay bounded; the entries of one chunk are contiguous.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from msa_megatron.ops.triton.common import timed
+from msa_megatron.ops.triton.common import next_pow2, timed
+from msa_megatron.ops.triton.rows import block_rows, positions
 
 # Queries per program for each kernel family (any value works; these balance launch count and
 # padding). Keys are the names the kernels ask for.
@@ -37,19 +41,20 @@ TILE_QUERIES = {"fwd": 128, "bwd": 256, "kl": 128, "ilse": 256}
 @dataclass
 class Tiles:
     queries: int
-    tiles: torch.Tensor  # [n, 4] int32: g, row, entry start, entry count
-    chunk_tiles: List[int]  # host: tile range of each chunk
-    seg_tile_first: torch.Tensor  # [n_seg] int32: first tile of each segment
+    cap: int  # tile slots per chunk (an upper bound of the tiles a chunk needs)
+    tiles: torch.Tensor  # [n_chunks * cap, 4] int32: g, row, entry start, entry count
+    seg_tile_first: torch.Tensor  # [n_seg] int32: slot of each segment's first tile
     seg_tile_count: torch.Tensor  # [n_seg] int32: tiles of each segment
 
     def chunk_range(self, c: int):
-        return self.chunk_tiles[c], self.chunk_tiles[c + 1]
+        return c * self.cap, (c + 1) * self.cap
 
 
 @dataclass
 class SparsePlan:
     groups: int
-    total: int
+    total: int  # query rows (Tq)
+    n_keys: int  # key rows (T)
     topk: int
     block_size: int
     chunk: int
@@ -57,102 +62,160 @@ class SparsePlan:
     n_rows: int  # R (an upper bound: rows past the last document's blocks are empty)
     row_key_start: torch.Tensor  # [R] int32
     row_key_end: torch.Tensor  # [R] int32
-    entry_tok: torch.Tensor  # [E] int32
-    entry_slot: torch.Tensor  # [E] int32
-    n_entries: int
+    entry_tok: torch.Tensor  # [G * Tq * k] int32 (valid entries first)
+    entry_slot: torch.Tensor  # [G * Tq * k] int32
+    qpos: Optional[torch.Tensor] = None  # [Tq] int32 key row of each query row, or None
+    _qpos_src: Optional[int] = None  # data_ptr of the qpos tensor the plan was built from
     tiles: Dict[str, Tiles] = field(default_factory=dict)
     cu_seqlens: torch.Tensor = None
 
-    def matches(self, topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int) -> bool:
+    def matches(self, topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, qpos) -> bool:
         g, t, k = topk.shape
+        same_qpos = (qpos is None and self.qpos is None) or (
+            qpos is not None and self.qpos is not None and qpos.data_ptr() == self._qpos_src
+        )
         return (
             (g, t, k) == (self.groups, self.total, self.topk)
             and block_size == self.block_size
             and cu_seqlens.data_ptr() == self.cu_seqlens.data_ptr()
+            and same_qpos
         )
 
     def chunk_bounds(self, c: int):
         a = c * self.chunk
         return a, min(a + self.chunk, self.total)
 
+    @property
+    def has_qpos(self) -> bool:
+        return self.qpos is not None
 
-def build_plan(topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, chunk: int) -> SparsePlan:
+    def qpos_arg(self, fallback: torch.Tensor) -> torch.Tensor:
+        """The qpos pointer for a kernel (any tensor when there is none: the kernel ignores it)."""
+        return self.qpos if self.qpos is not None else fallback
+
+
+def effective_chunk(chunk: int, total: int) -> int:
+    """Query rows per pass: the configured chunk, at most the query count (at least 1)."""
+    return max(1, min(chunk, total)) if total else max(1, chunk)
+
+
+@triton.jit
+def _plan_keys_kernel(
+    TopK, TokRowBase, SegKey, Counts,
+    total, chunk, groups, n_rows, n_seg, stride_tg, stride_tt,
+    K: tl.constexpr, KP: tl.constexpr, B: tl.constexpr,
+):
+    """Segment key (chunk, group, row) of every (group, query row, slot); counts per segment."""
+    g = tl.program_id(1)
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    slots = tl.arange(0, KP)
+    ok = (i < total)[:, None] & (slots < K)[None, :]
+    sel = tl.load(TopK + g.to(tl.int64) * stride_tg + i.to(tl.int64)[:, None] * stride_tt + slots[None, :], mask=ok, other=-1)
+    base = tl.load(TokRowBase + i, mask=i < total, other=0)
+    key = (((i // chunk) * groups + g) * n_rows + base)[:, None] + sel
+    valid = ok & (sel >= 0)
+    key = tl.where(valid, key, n_seg)  # invalid slots sort last
+    flat = (g.to(tl.int64) * total + i)[:, None] * K + slots[None, :]
+    tl.store(SegKey + flat, key, mask=ok)
+    tl.atomic_add(Counts + key, tl.full(key.shape, 1, tl.int32), mask=valid)  # integer counts: order-free
+
+
+@triton.jit
+def _plan_entries_kernel(Perm, Tok, Slot, n, total, K: tl.constexpr, B: tl.constexpr):
+    e = tl.program_id(0) * B + tl.arange(0, B)
+    ok = e < n
+    flat = tl.load(Perm + e, mask=ok, other=0)
+    tl.store(Tok + e, ((flat // K) % total).to(tl.int32), mask=ok)
+    tl.store(Slot + e, (flat % K).to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _plan_tiles_kernel(Counts, SegStart, First, Tiles, n_seg, groups, n_rows, Q: tl.constexpr, B: tl.constexpr):
+    """Cut each segment into tiles of <= Q entries at its slots First[seg] ... (unused slots stay 0)."""
+    seg = tl.program_id(0) * B + tl.arange(0, B)
+    ok = seg < n_seg
+    cnt = tl.load(Counts + seg, mask=ok, other=0)
+    n_t = (cnt + Q - 1) // Q
+    first = tl.load(First + seg, mask=ok, other=0)
+    e0 = tl.load(SegStart + seg, mask=ok, other=0)
+    g = (seg // n_rows) % groups
+    row = seg % n_rows
+    for j in range(0, tl.max(n_t, 0)):
+        m = ok & (j < n_t)
+        t = (first + j).to(tl.int64) * 4
+        tl.store(Tiles + t, g, mask=m)
+        tl.store(Tiles + t + 1, row, mask=m)
+        tl.store(Tiles + t + 2, (e0 + j * Q).to(tl.int32), mask=m)
+        tl.store(Tiles + t + 3, tl.minimum(cnt - j * Q, Q), mask=m)
+
+
+def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int] = None, qpos=None, rows=None) -> SparsePlan:
+    """The plan of a selection (a handful of launches, no host sync). `rows`: block_rows, if known."""
     groups, total, k = topk.shape
     dev = topk.device
-    cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-    n_docs = cu.numel() - 1
+    n_keys = total if n_keys is None else int(n_keys)
+    cu = cu_seqlens.to(device=dev, dtype=torch.int32)
+    qp = positions(qpos, dev)
+    rows = block_rows(cu, n_keys, block_size, qp) if rows is None else rows
+    n_rows = rows.n
+    chunk = effective_chunk(chunk, total)
+    n_chunks = max(1, -(-total // chunk))
+    n_seg = n_chunks * groups * n_rows
+
+    # The row number of block 0 of each query's document.
     lengths = cu[1:] - cu[:-1]
     nblk = (lengths + block_size - 1) // block_size
-    row_end = torch.cumsum(nblk, 0)
-    row_base = row_end - nblk
-    n_rows = total // block_size + n_docs  # >= sum(ceil(len / Bk)); no sync needed
+    doc_row_base = torch.cumsum(nblk, 0, dtype=torch.int32) - nblk
+    pos = torch.arange(total, device=dev, dtype=torch.int32) if qp is None else qp
+    tok_row_base = doc_row_base[torch.searchsorted(cu[1:], pos, right=True)].to(torch.int32).contiguous()
 
-    rows = torch.arange(n_rows, device=dev)
-    row_doc = torch.searchsorted(row_end, rows, right=True).clamp_(max=max(n_docs - 1, 0))
-    row_blk = rows - row_base[row_doc]
-    row_key_start = (cu[row_doc] + row_blk * block_size).clamp_(max=total).to(torch.int32)
-    row_key_end = cu[row_doc + 1].to(torch.int32)
-
-    tok = torch.arange(total, device=dev)
-    tok_doc = torch.searchsorted(cu[1:], tok, right=True)
-    tok_row_base = row_base[tok_doc]  # [T]
-
-    n_chunks = max(1, -(-total // chunk))
-    sel = topk.to(torch.int64)
-    valid = sel >= 0
-    g_idx = torch.arange(groups, device=dev).view(groups, 1, 1)
-    chunk_idx = (tok // chunk).view(1, total, 1)
-    seg_key = (chunk_idx * groups + g_idx) * n_rows + tok_row_base.view(1, total, 1) + sel
-    n_seg = n_chunks * groups * n_rows
-    seg_key = torch.where(valid, seg_key, n_seg).reshape(-1)  # invalid slots sort last
+    sel = topk if topk.dtype == torch.int32 else topk.to(torch.int32)
+    seg_key = torch.empty(groups * total * k, dtype=torch.int32, device=dev)
+    counts = torch.zeros(n_seg + 1, dtype=torch.int32, device=dev)
+    if total:
+        _plan_keys_kernel[(triton.cdiv(total, 64), groups)](
+            sel, tok_row_base, seg_key, counts, total, chunk, groups, n_rows, n_seg, sel.stride(0), sel.stride(1),
+            K=k, KP=next_pow2(k), B=64, num_warps=4,
+        )
     perm = torch.sort(seg_key, stable=True).indices
-    counts = torch.bincount(seg_key, minlength=n_seg + 1)[:n_seg]
-    seg_start = torch.cumsum(counts, 0) - counts
-
-    sizes = sorted(set(TILE_QUERIES.values()))  # kernels asking for the same size share a tile list
-    per_tiles = {}
-    stats = [valid.sum().view(1)]
-    for q in sizes:
-        n_t = (counts + q - 1) // q
-        per_tiles[q] = n_t
-        stats.append(n_t.view(n_chunks, groups * n_rows).sum(1))
-    host = torch.cat(stats).tolist()  # the one host sync of the plan
-    n_entries = int(host[0])
-
-    entry_tok = ((perm[:n_entries] // k) % total).to(torch.int32)
-    entry_slot = (perm[:n_entries] % k).to(torch.int32)
+    counts = counts[:n_seg]
+    seg_start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    entry_tok = torch.empty(seg_key.numel(), dtype=torch.int32, device=dev)
+    entry_slot = torch.empty_like(entry_tok)
+    if seg_key.numel():
+        _plan_entries_kernel[(triton.cdiv(seg_key.numel(), 1024),)](
+            perm, entry_tok, entry_slot, seg_key.numel(), max(total, 1), K=k, B=1024, num_warps=4,
+        )
     plan = SparsePlan(
-        groups, total, k, block_size, chunk, n_chunks, n_rows, row_key_start, row_key_end,
-        entry_tok, entry_slot, n_entries, cu_seqlens=cu_seqlens,
+        groups, total, n_keys, k, block_size, chunk, n_chunks, n_rows, rows.key_start, rows.doc_end,
+        entry_tok=entry_tok, entry_slot=entry_slot, qpos=qp,
+        _qpos_src=None if qpos is None else qpos.data_ptr(), cu_seqlens=cu_seqlens,
     )
-    pos = 1
+    entries_per_chunk = groups * min(chunk, max(total, 1)) * k
     by_size = {}
-    for q in sizes:
-        per_chunk = [int(x) for x in host[pos : pos + n_chunks]]
-        pos += n_chunks
-        by_size[q] = _cut_tiles(per_tiles[q], counts, seg_start, q, per_chunk, groups, n_rows)
+    for q in sorted(set(TILE_QUERIES.values())):  # kernels asking for the same size share a tile list
+        cap = -(-entries_per_chunk // q) + min(groups * n_rows, entries_per_chunk)
+        by_size[q] = _cut_tiles(counts, seg_start, q, cap, n_chunks, groups, n_rows)
     plan.tiles = {name: by_size[q] for name, q in TILE_QUERIES.items()}
     return plan
 
 
-def _cut_tiles(n_t, counts, seg_start, q, per_chunk, groups, n_rows) -> Tiles:
+def _cut_tiles(counts, seg_start, q, cap, n_chunks, groups, n_rows) -> Tiles:
     dev = counts.device
-    n_tiles = sum(per_chunk)
-    chunk_tiles = [0]
-    for c in per_chunk:
-        chunk_tiles.append(chunk_tiles[-1] + c)
-    first = torch.cumsum(n_t, 0) - n_t
-    seg = torch.repeat_interleave(torch.arange(n_t.numel(), device=dev), n_t, output_size=n_tiles)
-    j = torch.arange(n_tiles, device=dev) - first[seg]
-    e0 = seg_start[seg] + j * q
-    cnt = torch.minimum(counts[seg] - j * q, torch.full_like(j, q))
-    g = (seg // n_rows) % groups
-    row = seg % n_rows
-    tiles = torch.stack([g, row, e0, cnt], 1).to(torch.int32).contiguous()
-    return Tiles(q, tiles, chunk_tiles, first.to(torch.int32), n_t.to(torch.int32))
+    per_chunk = groups * n_rows
+    n_t = (counts + q - 1) // q  # tiles per segment
+    in_chunk = n_t.view(n_chunks, per_chunk)
+    base = torch.arange(0, n_chunks * cap, cap, device=dev, dtype=torch.int32).view(n_chunks, 1)
+    first = (torch.cumsum(in_chunk, 1, dtype=torch.int32) - in_chunk + base).reshape(-1)
+    tiles = torch.zeros((n_chunks * cap, 4), dtype=torch.int32, device=dev)
+    n_seg = counts.numel()
+    if n_seg:
+        _plan_tiles_kernel[(triton.cdiv(n_seg, 256),)](counts, seg_start, first, tiles, n_seg, groups, n_rows,
+                                                      Q=q, B=256, num_warps=4)
+    return Tiles(q, cap, tiles, first, n_t)
 
 
-def get_plan(topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, chunk: int) -> SparsePlan:
+def get_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int] = None, qpos=None, rows=None) -> SparsePlan:
     """The plan attached to this topk tensor by select_blocks, or a fresh one (then attached).
 
     The plan rides on the tensor object (attribute `_msa_plan`), so the selection returned by
@@ -161,15 +224,17 @@ def get_plan(topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, chun
     version counter, which the cache checks.
     """
     cached = getattr(topk, "_msa_plan", None)
-    if (
-        cached is not None
-        and cached[0] == topk._version
-        and cached[1].chunk == chunk
-        and cached[1].matches(topk, cu_seqlens, block_size)
-    ):
-        return cached[1]
+    if cached is not None:
+        plan = cached[1]
+        if (
+            cached[0] == topk._version
+            and plan.chunk == effective_chunk(chunk, topk.shape[1])
+            and plan.matches(topk, cu_seqlens, block_size, qpos)
+            and (n_keys is None or plan.n_keys == n_keys)
+        ):
+            return plan
     with timed("plan build"):
-        plan = build_plan(topk, cu_seqlens, block_size, chunk)
+        plan = build_plan(topk, cu_seqlens, block_size, chunk, n_keys, qpos, rows)
     try:
         topk._msa_plan = (topk._version, plan)
     except (AttributeError, RuntimeError):
@@ -179,9 +244,15 @@ def get_plan(topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, chun
 
 @triton.jit
 def load_tile(tiles, t, row_key_start, row_key_end):
-    """Tile t of a plan: (group, KV row, first entry, entry count, the row's key range [start, end))."""
+    """Tile t of a plan: (group, KV row, first entry, entry count, the row's key range [start, end)).
+
+    An unused tile slot (count 0) gets an empty key range, so every masked load and store of the
+    program is a no-op.
+    """
     g = tl.load(tiles + t * 4)
     row = tl.load(tiles + t * 4 + 1)
     e0 = tl.load(tiles + t * 4 + 2)
     cnt = tl.load(tiles + t * 4 + 3)
-    return g, row, e0, cnt, tl.load(row_key_start + row), tl.load(row_key_end + row)
+    key_start = tl.load(row_key_start + row)
+    key_end = tl.where(cnt > 0, tl.load(row_key_end + row), key_start)
+    return g, row, e0, cnt, key_start, key_end

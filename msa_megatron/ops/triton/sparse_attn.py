@@ -19,6 +19,7 @@ import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
 from msa_megatron.ops.triton.plan import SparsePlan, load_tile
+from msa_megatron.ops.triton.rows import key_pos
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -38,14 +39,14 @@ CONFIG = {
 
 @triton.jit
 def _sparse_fwd_kernel(
-    Q, K, V, O_part, L_part,
+    Q, K, V, O_part, L_part, QPOS,
     tiles, entry_tok, entry_slot, row_key_start, row_key_end,
     tile0, q0,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     qk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     t = tile0 + tl.program_id(0)
     g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
@@ -75,7 +76,7 @@ def _sparse_fwd_kernel(
         q = tl.load(Q + qt[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k))
-        visible = (key_tok[None, :] <= tok[:, None]) & key_ok[None, :]
+        visible = (key_tok[None, :] <= key_pos(QPOS, tok, ok, HAS_QPOS)[:, None]) & key_ok[None, :]
         s = tl.where(visible, s * qk_scale, float("-inf"))
         m = tl.where(ok, tl.max(s, 1), 0.0)
         p = tl.exp2(s - m[:, None])
@@ -146,7 +147,9 @@ def sparse_forward(q, k, v, topk, plan: SparsePlan, softmax_scale: float):
     D = max(16, next_pow2(d))
     o = new_buffer((total, hq, d), q.dtype, q.device)
     lse = new_buffer((total, hq), torch.float32, q.device)
-    chunk = min(plan.chunk, total)
+    if total == 0:
+        return o, lse
+    chunk = plan.chunk
     o_part = new_buffer((nslot, chunk, hq, d), q.dtype, q.device)
     l_part = new_buffer((nslot, chunk, hq), torch.float32, q.device)
     cfg = CONFIG
@@ -155,16 +158,16 @@ def sparse_forward(q, k, v, topk, plan: SparsePlan, softmax_scale: float):
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
-        if t1 > t0:
+        if q1 > q0:
             with timed("sparse fwd kernel"):
                 _sparse_fwd_kernel[(t1 - t0,)](
-                    q, k, v, o_part, l_part,
+                    q, k, v, o_part, l_part, plan.qpos_arg(lse),
                     tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
                     t0, q0,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
                     softmax_scale * LOG2E,
-                    HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=plan.block_size,
+                    HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=plan.block_size, HAS_QPOS=plan.has_qpos,
                     num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
                 )
         rows = _rows_per_program(r, d)
@@ -215,14 +218,14 @@ def attention_delta(o, do, dlse):
 
 @triton.jit
 def _sparse_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ_part, DK_ws, DV_ws, DK_acc, DV_acc,
+    Q, K, V, DO, LSE, DELTA, DQ_part, DK_ws, DV_ws, DK_acc, DV_acc, QPOS,
     tiles, entry_tok, entry_slot, row_key_start, row_key_end, seg_tile_count,
     tile0, q0, seg0, n_rows,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_lt, stride_ps, stride_pt, stride_ph, stride_at, stride_ag,
     sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     """Keys are the rows of every product here (S^T = K Q^T), so dK/dV accumulate in place.
 
@@ -263,7 +266,7 @@ def _sparse_bwd_kernel(
         lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + qt * stride_lt + head, mask=ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q))  # [N, M]
-        visible = (key_tok[:, None] <= tok[None, :]) & key_ok[:, None] & ok[None, :]
+        visible = (key_tok[:, None] <= key_pos(QPOS, tok, ok, HAS_QPOS)[None, :]) & key_ok[:, None] & ok[None, :]
         p_t = tl.where(visible, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
@@ -374,12 +377,14 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
     r = hq // groups
     nslot = topk.shape[-1]
     D = max(16, next_pow2(d))
+    dk_acc = torch.zeros((k.shape[0], groups, d), dtype=torch.float32, device=q.device)
+    dv_acc = torch.zeros((k.shape[0], groups, d), dtype=torch.float32, device=q.device)
+    if total == 0:
+        return torch.zeros_like(q), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
     do = do.contiguous()
     delta = attention_delta(o, do, dlse)
     dq = new_buffer((total, hq, d), q.dtype, q.device)
-    dk_acc = torch.zeros((total, groups, d), dtype=torch.float32, device=q.device)
-    dv_acc = torch.zeros((total, groups, d), dtype=torch.float32, device=q.device)
-    chunk = min(plan.chunk, total)
+    chunk = plan.chunk
     dq_part = new_buffer((nslot, chunk, hq, d), torch.float32 if CONFIG["dq_part_fp32"] else q.dtype, q.device)
     cfg = CONFIG
     block_m = max(cfg["bwd_rows"], next_pow2(r))
@@ -388,13 +393,13 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
-        if t1 > t0:
+        if q1 > q0:
             dk_ws = new_buffer((t1 - t0, bn, D), torch.float32, q.device)
             dv_ws = new_buffer((t1 - t0, bn, D), torch.float32, q.device)
             seg0 = c * groups * plan.n_rows
             with timed("sparse bwd kernel"):
                 _sparse_bwd_kernel[(t1 - t0,)](
-                    q, k, v, do, lse, delta, dq_part, dk_ws, dv_ws, dk_acc, dv_acc,
+                    q, k, v, do, lse, delta, dq_part, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse),
                     tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
                     tiles.seg_tile_count,
                     t0, q0, seg0, plan.n_rows,
@@ -402,7 +407,7 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
                     do.stride(0), do.stride(1), lse.stride(0),
                     dq_part.stride(0), dq_part.stride(1), dq_part.stride(2), dk_acc.stride(0), dk_acc.stride(1),
                     softmax_scale, softmax_scale * LOG2E,
-                    HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=bn,
+                    HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=bn, HAS_QPOS=plan.has_qpos,
                     num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
                 )
             for ws, acc in ((dk_ws, dk_acc), (dv_ws, dv_acc)):
@@ -419,6 +424,7 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
 class SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, topk, plan, softmax_scale):
+        ctx.set_materialize_grads(False)  # an unused lse gives dlse None: no extra pass
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         topk = topk.contiguous()
         o, lse = sparse_forward(q, k, v, topk, plan, softmax_scale)
@@ -430,5 +436,6 @@ class SparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, topk = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
         dq, dk, dv = sparse_backward(do, q, k, v, o, lse, dlse, topk, ctx.plan, ctx.softmax_scale)
         return dq, dk, dv, None, None, None

@@ -1,0 +1,158 @@
+"""The library attention kernels PyTorch carries (cuDNN, flash), called on packed batches with lse.
+
+Candidates, fastest first (`CANDIDATES`):
+- cudnn_batched: every document is max_seqlen long (a single document, or the model's [s, b]
+  layout): cuDNN SDPA on [B, H, S, d] views of the packed tensors, GQA as is.
+- cudnn / cudnn_kv: cuDNN varlen attention (cu_seqlens), K/V as is or expanded to the query heads
+  (a cuDNN build whose varlen path ignores GQA then still serves; dK/dV are summed back).
+- flash: flash attention varlen (GQA as is).
+
+`choose` runs each candidate once per (device, dtype, head shape, batch kind) on a small batch
+against our Triton kernels (values, lse and gradients) and takes the first that agrees, so a
+library build with another lse layout or without a feature is skipped, not trusted. What every
+candidate gave is kept in `PROBES` (the benchmark and the GPU tests print it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+CANDIDATES = {"uniform": ("cudnn_batched", "cudnn", "cudnn_kv", "flash"), "varlen": ("cudnn", "cudnn_kv", "flash")}
+PROBES = {}  # (device, dtype, Hq, Hkv, d, kind) -> {candidate: errors or the exception}
+_CHOSEN = {}  # same key -> candidate name, or "triton"
+
+
+def batch_kind(q, cu_seqlens, max_seqlen) -> str:
+    """'uniform' when every document is max_seqlen long (known from shapes alone: no host sync)."""
+    return "uniform" if max_seqlen > 0 and q.shape[0] == (cu_seqlens.numel() - 1) * max_seqlen else "varlen"
+
+
+def forward(name, q, k, v, cu, max_seqlen, scale):
+    """(o [T, Hq, d], lse [T, Hq] fp32, state for `backward`)."""
+    total, hq, d = q.shape
+    if name == "cudnn_batched":
+        b = cu.numel() - 1
+        q4, k4, v4 = (t.view(b, max_seqlen, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, True, False, scale=scale)
+        o4, lse_raw, seed, offset = out[0], out[1], out[6], out[7]
+        o = o4.transpose(1, 2).reshape(total, hq, o4.shape[-1])
+        lse = lse_raw.reshape(b, hq, max_seqlen).transpose(1, 2).reshape(total, hq)
+        return o, lse.float(), (o4, lse_raw, seed, offset)
+    if name in ("cudnn", "cudnn_kv"):
+        kk, vv = (_expand(k, hq), _expand(v, hq)) if name == "cudnn_kv" else (k, v)
+        out = torch.ops.aten._cudnn_attention_forward(
+            q, kk, vv, None, cu, cu, max_seqlen, max_seqlen, True, 0.0, True, False, scale=scale
+        )
+        o, lse_raw, seed, offset = out[0], out[1], out[6], out[7]
+        return o, _lse_rows(lse_raw, total, hq), (lse_raw, seed, offset)
+    o, lse_raw, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, True, False, scale=scale
+    )
+    return o, _lse_rows(lse_raw, total, hq), (lse_raw, rng, unused)
+
+
+def backward(name, do, q, k, v, o, state, cu, max_seqlen, scale):
+    """(dq, dk, dv) of the candidate's forward (no gradient into the lse)."""
+    total, hq, d = q.shape
+    if name == "cudnn_batched":
+        o4, lse_raw, seed, offset = state
+        b = cu.numel() - 1
+        q4, k4, v4, do4 = (t.view(b, max_seqlen, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v, do))
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do4, q4, k4, v4, o4, lse_raw, seed, offset, None, None, None, max_seqlen, max_seqlen, 0.0, True, scale=scale
+        )
+        return tuple(g.transpose(1, 2).reshape(total, g.shape[1], g.shape[-1]) for g in grads)
+    if name in ("cudnn", "cudnn_kv"):
+        lse_raw, seed, offset = state
+        kk, vv = (_expand(k, hq), _expand(v, hq)) if name == "cudnn_kv" else (k, v)
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            do, q, kk, vv, o, lse_raw, seed, offset, None, cu, cu, max_seqlen, max_seqlen, 0.0, True, scale=scale
+        )
+        if name == "cudnn_kv":
+            dk, dv = _fold(dk, k.shape[1]), _fold(dv, k.shape[1])
+        return dq, dk, dv
+    lse_raw, rng, unused = state
+    return torch.ops.aten._flash_attention_backward(
+        do, q, k, v, o, lse_raw, cu, cu, max_seqlen, max_seqlen, 0.0, True, rng, unused, scale=scale
+    )
+
+
+def _expand(t, heads):
+    """[T, Hkv, d] -> [T, heads, d], each KV head repeated for its group."""
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _fold(g, groups):
+    """Gradient of _expand: sum the group's heads back into their KV head."""
+    return g.view(g.shape[0], groups, -1, g.shape[-1]).sum(2, dtype=torch.float32).to(g.dtype)
+
+
+def _lse_rows(lse_raw, total, hq):
+    """The library's lse as [T, Hq]: cuDNN varlen gives [T, Hq, 1], flash varlen [Hq, T]."""
+    if tuple(lse_raw.shape) in ((total, hq, 1), (total, hq)):
+        return lse_raw.reshape(total, hq).float()
+    if tuple(lse_raw.shape) == (hq, total):
+        return lse_raw.t().float()
+    raise RuntimeError(f"unexpected lse layout {tuple(lse_raw.shape)} for T={total}, Hq={hq}")
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _probe(name, kind, q, k, reference):
+    """Errors of candidate `name` against `reference` (our Triton kernels) on a small batch."""
+    dev = q.device
+    lengths = [256, 256, 256] if kind == "uniform" else [37, 130, 301, 1]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    total = sum(lengths)
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=q.dtype, generator=gen)
+    qs, ks, vs, dos = rnd(total, hq, d), rnd(total, hkv, d), rnd(total, hkv, d), rnd(total, hq, d)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    scale = 1.0 / math.sqrt(d)
+    o_t, lse_t, grads_t = reference(qs, ks, vs, dos, cu, scale)
+    o, lse, state = forward(name, qs, ks, vs, cu, max(lengths), scale)
+    grads = backward(name, dos, qs, ks, vs, o, state, cu, max(lengths), scale)
+    errs = {"o": _rel(o, o_t), "lse_abs": (lse - lse_t).abs().max().item()}
+    errs.update({g: _rel(a, b) for g, a, b in zip(("dq", "dk", "dv"), grads, grads_t)})
+    return errs
+
+
+def _agrees(errs) -> bool:
+    return errs["o"] < 2e-2 and errs["lse_abs"] < 1e-2 and all(errs[g] < 3e-2 for g in ("dq", "dk", "dv"))
+
+
+def choose(q, k, kind, reference) -> str:
+    """The library candidate for these tensors and batch kind, or 'triton' (see module docstring).
+
+    MSA_DENSE_BACKEND=<candidate> forces one (no check); `reference(q, k, v, do, cu, scale)` returns
+    (o, lse, (dq, dk, dv)) from our kernels.
+    """
+    forced = os.environ.get("MSA_DENSE_BACKEND", "auto")
+    if forced != "auto":
+        return forced if forced == "triton" or forced in CANDIDATES[kind] else "triton"
+    key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], kind)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = "triton"
+        PROBES[key] = {}
+        for name in CANDIDATES[kind]:
+            try:
+                errs = _probe(name, kind, q, k, reference)
+            except Exception as exc:  # noqa: BLE001 - a library build without this path
+                PROBES[key][name] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                continue
+            PROBES[key][name] = errs
+            if _agrees(errs):
+                _CHOSEN[key] = name
+                break
+        if _CHOSEN[key] == "triton":
+            warnings.warn(f"dense attention ({kind} batches): no library kernel agreed with ours, using Triton: {PROBES[key]}")
+    return _CHOSEN[key]

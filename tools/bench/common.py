@@ -1,0 +1,148 @@
+"""Shapes, inputs, FLOP counts and the timer shared by the benchmark modules."""
+
+from __future__ import annotations
+
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+HQ, HKV, D, DI, BK, TOPK = 64, 4, 128, 128, 128, 16
+
+
+def bench(fn, min_reps=3, max_reps=30, budget_s=1.5):
+    """Median ms over CUDA-event-timed calls after one warm-up call."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    t0 = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - t0 < budget_s):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def slow_reps(n):
+    """Repetition limits for calls that take seconds at long contexts."""
+    return dict(min_reps=1 if n >= 65536 else 3, max_reps=3 if n >= 65536 else 10)
+
+
+def mixed_lengths(n, seed=0):
+    """A few long documents (1/2, 1/8, 1/8 of the tokens) and many short ones (64..2048 tokens)."""
+    rng = random.Random(seed)
+    longs = [n // 2, n // 8, n // 8]
+    rest = n - sum(longs)
+    shorts = []
+    while rest > 0:
+        length = min(rest, rng.randint(64, 2048))
+        shorts.append(length)
+        rest -= length
+    docs = longs + shorts
+    rng.shuffle(docs)
+    return docs
+
+
+def pair_counts(lengths):
+    """(causal pairs, MSA attended pairs) of a packed batch."""
+    causal = sum(n * (n + 1) // 2 for n in lengths)
+    nnz = 0
+    for n in lengths:
+        for p in range(0, n, BK):  # per query block: positions p..p+Bk-1
+            blk = p // BK
+            hist = min(blk, TOPK - 1) * BK
+            m = min(BK, n - p)
+            nnz += m * hist + m * (m + 1) // 2
+    return causal, nnz
+
+
+def flops(lengths):
+    """Useful FLOPs per op (MSA.md conventions)."""
+    causal, nnz = pair_counts(lengths)
+    return dict(
+        index=2 * DI * HKV * causal,
+        fwd=4 * D * HQ * nnz,
+        bwd=10 * D * HQ * nnz,
+        kl=2 * (D * HQ + 3 * DI * HKV) * nnz,
+        dense_kl=2 * (D * HQ + 3 * DI * HKV) * causal,
+        dense_fwd=4 * D * HQ * causal,
+        dense_bwd=10 * D * HQ * causal,
+    )
+
+
+def env_info():
+    import torch
+    import triton
+
+    info = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+    }
+    try:
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        ).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        info["driver"] = f"unknown ({exc})"
+    return info
+
+
+def make_inputs(lengths, seed=0):
+    import torch
+
+    dev = torch.device("cuda")
+    total = sum(lengths)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=dev)
+    return dict(q=rnd(total, HQ, D), k=rnd(total, HKV, D), v=rnd(total, HKV, D), qi=rnd(total, HKV, DI),
+                ki=rnd(total, 1, DI), do=rnd(total, HQ, D), cu=cu, lengths=lengths)
+
+
+def shape_of(lengths):
+    import math
+
+    from msa_megatron.ops import MSAShape
+
+    return MSAShape(BK, TOPK, 1 / math.sqrt(D), 1 / math.sqrt(DI), max(lengths))
+
+
+def peak_gib(fn):
+    """(peak bytes above what was allocated before, in GiB) of one call of fn."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def host_syncs(fn):
+    """Number of host synchronisations torch reports during fn (sync debug mode "warn")."""
+    import warnings
+
+    import torch
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)

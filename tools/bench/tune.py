@@ -1,0 +1,125 @@
+"""Launch-config variants of each kernel at one context (single document); the fastest is kept."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from tools.bench.common import BK, TOPK, bench, flops, make_inputs, shape_of
+
+
+def tune(n, tri, report, apply=True, families=("select", "fwd", "bwd", "kl", "dense_kl")):
+    import torch
+
+    from msa_megatron.ops.triton import common, dense_attn, indexer, kl as klmod, plan as planmod, sparse_attn
+    from msa_megatron.ops.triton.common import query_chunk
+
+    x = make_inputs([n], seed=2)
+    q, k, v, qi, ki, cu, do = x["q"], x["k"], x["v"], x["qi"], x["ki"], x["cu"], x["do"]
+    shape = shape_of([n])
+    scale, iscale = shape.softmax_scale, shape.index_scale
+    f = flops([n])
+    sel = indexer.select_topk(qi, ki, cu, BK, TOPK)
+    plan = planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0])
+    o, lse = sparse_attn.sparse_forward(q, k, v, sel, plan, scale)
+    ilse = indexer.index_lse(qi, ki, sel, plan, iscale)
+    _, dlse = dense_attn.DenseAttention.apply(q, k, v, cu, scale, shape.max_seqlen, None)
+    out = []
+
+    def variants(cfg, space, fn, fl, label, check=None):
+        """Time each choice (a dict of CONFIG values, or a dict of lists = their product); keep the best.
+
+        check(result) -> error message or None: a choice whose result disagrees is not kept.
+        """
+        choices = space if isinstance(space, list) else [dict(zip(space, v)) for v in itertools.product(*space.values())]
+        saved = dict(cfg)
+        best = None
+        for choice in choices:
+            cfg.update(choice)
+            try:
+                wrong = check(fn()) if check else None
+                if wrong:
+                    report(f"  tune {label:<8} {choice} WRONG: {wrong}")
+                    continue
+                ms = bench(fn, budget_s=0.3)
+                out.append(dict(kernel=label, cfg=choice, ms=ms, tflops=fl / ms / 1e9))
+                report(f"  tune {label:<8} {choice} {ms:8.3f} ms {fl / ms / 1e9:7.1f} TF/s")
+                if best is None or ms < best[0]:
+                    best = (ms, choice)
+            except Exception as exc:  # noqa: BLE001
+                report(f"  tune {label} {choice} failed: {exc!r}"[:300])
+            finally:
+                cfg.clear()
+                cfg.update(saved)
+            torch.cuda.empty_cache()
+        if best is not None and apply:
+            cfg.update(best[1])
+            report(f"  tune {label:<8} best {best[1]}")
+
+    if "select" in families:
+        variants(indexer.CONFIG, {"select_warps": [8], "select_stages": [2, 3]},
+                 lambda: indexer.select_topk(qi, ki, cu, BK, TOPK), f["index"], "select")
+    if "fwd" in families:
+        variants(sparse_attn.CONFIG, {"fwd_rows": [64], "fwd_warps": [4, 8], "fwd_stages": [1, 2]},
+                 lambda: sparse_attn.sparse_forward(q, k, v, sel, plan, scale), f["fwd"], "fwd")
+    if "bwd" in families:
+        variants(sparse_attn.CONFIG, {"bwd_rows": [64], "bwd_warps": [8], "bwd_stages": [2, 3]},
+                 lambda: sparse_attn.sparse_backward(do, q, k, v, o, lse, None, sel, plan, scale), f["bwd"], "bwd")
+    if "kl" in families:
+        variants(klmod.CONFIG, {"kl_rows": [64], "kl_warps": [8], "kl_stages": [2, 3]},
+                 lambda: klmod.sparse_kl(q, k, lse, qi, ki, ilse, sel, plan, scale, iscale, 4), f["kl"], "kl")
+    if "dense_kl" in families:
+        dense_kl = lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, iscale, 4)
+        want = dense_kl()
+
+        def same_as_default(got):
+            errs = [abs(got[0].item() - want[0].item()) / abs(want[0].item())]
+            errs += [((a - b).norm() / b.norm()).item() for a, b in zip(got[1:], want[1:])]
+            return None if errs[0] < 1e-4 and max(errs[1:]) < 1e-2 else f"errors {errs}"
+
+        keys_rows = dict(dense_query_rows=False)
+        query_rows = dict(dense_query_rows=True)
+        variants(klmod.CONFIG, [
+            dict(keys_rows, dense_block=128, dense_rows=64, dense_warps=8, dense_stages=3),
+            dict(keys_rows, dense_block=128, dense_rows=64, dense_warps=8, dense_stages=2),
+            dict(keys_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_stages=3),
+            dict(keys_rows, dense_block=64, dense_rows=128, dense_warps=8, dense_stages=3),
+            dict(query_rows, dense_block=128, dense_rows=64, dense_warps=8, dense_stages=3),
+            dict(query_rows, dense_block=128, dense_rows=64, dense_warps=4, dense_stages=3),
+            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_stages=3),
+            dict(query_rows, dense_block=128, dense_rows=128, dense_warps=8, dense_stages=2),
+        ], dense_kl, f["dense_kl"], "dense_kl", check=same_as_default)
+    report("  breakdown dense KL: " + str(common.profile(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, iscale, 4))))
+    report("  chosen: " + json.dumps(chosen_configs()))
+    return out
+
+
+def chosen_configs():
+    from msa_megatron.ops.triton import indexer, kl as klmod, sparse_attn
+
+    return {"select": dict(indexer.CONFIG), "attn": dict(sparse_attn.CONFIG), "kl": dict(klmod.CONFIG)}
+
+
+def kernel_resources(report):
+    """Registers / spills / shared memory of every compiled MSA kernel variant (Triton internals)."""
+    from msa_megatron.ops.triton import dense_attn, indexer, kl as klmod, sparse_attn
+
+    out = []
+    for mod in (indexer, sparse_attn, klmod, dense_attn):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            caches = getattr(fn, "device_caches", None)
+            if not name.startswith("_") or caches is None:
+                continue
+            try:
+                for dev_cache in caches.values():
+                    for ck in dev_cache[0].values():
+                        ck._init_handles()
+                        md = ck.metadata
+                        rec = dict(kernel=name, regs=ck.n_regs, spills=ck.n_spills, shared=getattr(md, "shared", None),
+                                   warps=getattr(md, "num_warps", None), stages=getattr(md, "num_stages", None))
+                        out.append(rec)
+                        report(f"  resources {rec}")
+            except Exception as exc:  # noqa: BLE001
+                report(f"  resources {name}: {exc!r}"[:200])
+    return out
