@@ -22,7 +22,7 @@ WARMUP_STEPS, STEPS, TOKENS_PER_STEP = 8, 10, 2 * 256
 # Small MSA shapes so that 256-token documents go sparse after the warmup.
 TRAIN_ARGS = ["data=mock", "data.seq_length=256", "data.mock_max_doc=256", f"train.steps={STEPS}", "optim.lr_warmup_steps=1",
               f"stage.warmup_tokens={WARMUP_STEPS * TOKENS_PER_STEP}", "attention.block_size=16", "attention.topk_blocks=2",
-              "attention.index_head_dim=16", "attention.backend=reference", "optim.index_lr=0.01", "optim.lr=1e-4", "optim.min_lr=1e-5"]
+              "attention.index_head_dim=16", "attention.backend=reference", "optim.index_lr=0.1", "optim.lr=1e-4", "optim.min_lr=1e-5"]
 
 
 def _convert_main():
