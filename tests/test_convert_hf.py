@@ -214,3 +214,16 @@ def test_llama_cannot_export_to_minimax_m3(tmp_path):
     save_hf("llama", tmp_path / "hf")
     _import(tmp_path / "hf", tmp_path / "ours")
     _expect_error("model.qk_layernorm=False: MiniMax-M3 always normalises q and k", lambda: export_hf(str(tmp_path / "ours"), str(tmp_path / "m3")), tmp_path / "m3")
+
+
+def test_sharded_safetensors_round_trip(tmp_path):
+    """Exports above the shard size are split with an index json, which the importer reads back."""
+    save_hf("qwen3", tmp_path / "hf")
+    first = import_hf(str(tmp_path / "hf"), "a")
+    writer.write(str(tmp_path / "ours"), first, "a")
+    export_hf(str(tmp_path / "ours"), str(tmp_path / "sharded"), arch="qwen3", shard_bytes=20_000)
+    index = json.load(open(tmp_path / "sharded" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 2
+    again = import_hf(str(tmp_path / "sharded"), "b")
+    assert sorted(again.params) == sorted(first.params)
+    assert all(torch.equal(again.params[n], t) for n, t in first.params.items())
