@@ -1,6 +1,7 @@
 """Train an MSA (or dense GQA) MoE model: `python train.py [group=option ...] [key=value ...]`.
 
-Runs as one process, or one process per rank under torchrun / srun.
+Runs as one process, or one process per rank under torchrun / srun (slurm/launch.sh). A user
+error (config, data, checkpoint, environment) prints one line and exits with code 2.
 """
 
 import os
@@ -8,30 +9,28 @@ import sys
 
 import hydra
 
-from msa_megatron.config import ConfigError, load_config, register_hydra_schema
+from msa_megatron.config import register_hydra_schema
 
 register_hydra_schema()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg) -> None:
-    try:
-        run_cfg = load_config(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from msa_megatron.training import run
-    from msa_megatron.training.checkpoint import CheckpointError
+    from msa_megatron.training.entry import main as train_main
 
-    try:
-        run(run_cfg)
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = train_main(cfg)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
+    overrides = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in overrides):  # plain overrides (not --help, -m, --cfg ...)
+        from msa_megatron.training.entry import check_overrides
+
+        code = check_overrides(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), "config", overrides)
+        if code:
+            sys.exit(code)
     if int(os.environ.get("RANK", "0")) != 0:
-        # Only rank 0 writes Hydra's outputs (.hydra/ and the job log) into the run directory.
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        sys.argv += ["hydra/job_logging=none", "hydra/hydra_logging=none"]  # one rank prints Hydra's lines
     main()

@@ -113,6 +113,8 @@ def run(argv: Optional[list[str]] = None) -> str:
         writer = DatasetWriter(prefix, dtype)
         stream = itertools.chain([first] if first is not None else [], results)
         counts = _write_all(stream, writer, LineLocator(files), args.strict, hi - lo, lo, not args.no_progress)
+        if writer.documents == 0:
+            raise InputError(_no_documents(args, shard, counts))
         manifest = Manifest(
             tokenizer_sha256=file_sha256(tokenizer_file),
             vocab_size=vocab_size,
@@ -149,6 +151,17 @@ def run(argv: Optional[list[str]] = None) -> str:
     return prefix
 
 
+def _no_documents(args, shard: tuple[int, int], counts: dict) -> str:
+    where = " ".join(args.inputs) + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "")
+    if counts["malformed"]:
+        hint = f"all {counts['malformed']} records were malformed (see above; is --text-key={args.text_key!r} right?)"
+    elif counts["empty"]:
+        hint = f"all {counts['empty']} documents were empty"
+    else:
+        hint = "the input holds no records" + ("; use fewer shards" if shard[1] > 1 else "")
+    return f"input={where}: no documents to write: {hint}; nothing written"
+
+
 def _write_all(results, writer: DatasetWriter, locator: LineLocator, strict: bool, total: int, lo: int, progress: bool) -> dict:
     """Drain the encoded chunks into the writer, reporting malformed records; returns counts."""
     counts = {"malformed": 0, "empty": 0, "text_bytes": 0}
@@ -177,4 +190,4 @@ def main(argv: Optional[list[str]] = None) -> None:
         run(argv)
     except (InputError, TokenizerFileError, MalformedInput) as e:
         print(f"data_prep: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)  # a user error, like argparse's

@@ -121,7 +121,7 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    lr_warmup_steps: int = 10
+    lr_warmup_steps: Optional[int] = None  # null: 5, or a quarter of train.steps when fewer (see warmup_steps)
     lr_decay_style: str = "cosine"
     index_lr: Optional[float] = None  # param-group override for *.indexer.* (null: same as lr)
 
@@ -159,6 +159,7 @@ class LoggingConfig:
     console: bool = True
     metrics_jsonl: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    peak_tflops_per_gpu: Optional[float] = None  # for train/mfu; null: known GPUs' dense peak (none on CPU)
 
 
 @dataclass
@@ -293,7 +294,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
     _require(o.index_lr is None or o.index_lr > 0, "optim.index_lr", o.index_lr, "must be > 0 or null")
     _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
-    _require(o.lr_warmup_steps >= 0, "optim.lr_warmup_steps", o.lr_warmup_steps, "must be >= 0")
+    _require(o.lr_warmup_steps is None or o.lr_warmup_steps >= 0, "optim.lr_warmup_steps", o.lr_warmup_steps, "must be >= 0 or null")
     _one_of("optim.lr_decay_style", o.lr_decay_style, ("cosine", "linear", "constant"))
 
     _one_of("stage.mode", s.mode, ("pt", "cpt", "dense"))
@@ -301,13 +302,16 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
 
     _require(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     _require(
-        o.lr_warmup_steps < t.steps,
+        o.lr_warmup_steps is None or o.lr_warmup_steps < t.steps,
         "optim.lr_warmup_steps",
         o.lr_warmup_steps,
         f"must be smaller than train.steps={t.steps}",
     )
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    _one_of("logging.wandb.mode", c.logging.wandb.mode, ("online", "offline", "disabled"))
+    peak = c.logging.peak_tflops_per_gpu
+    _require(peak is None or peak > 0, "logging.peak_tflops_per_gpu", peak, "must be > 0 or null")
     _require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")
     _require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
     _require(t.exit_interval >= 0, "train.exit_interval", t.exit_interval, "must be >= 0")
@@ -494,6 +498,12 @@ def data_parallel_size(c: RunConfig, world_size: int) -> int:
 
 def num_microbatches(c: RunConfig, world_size: int) -> int:
     return c.train.global_batch_size // (c.train.micro_batch_size * data_parallel_size(c, world_size))
+
+
+def warmup_steps(c: RunConfig) -> int:
+    """LR warmup steps: optim.lr_warmup_steps, or by default 5 (a quarter of a run shorter than 20)."""
+    o = c.optim
+    return o.lr_warmup_steps if o.lr_warmup_steps is not None else min(5, c.train.steps // 4)
 
 
 def tokens_per_step(c: RunConfig) -> int:

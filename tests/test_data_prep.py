@@ -221,7 +221,7 @@ def test_strict_fails_on_first_malformed_line(tmp_path, tokenizer, capsys):
     assert not list(tmp_path.glob("out_text_document*")), "no partial output left behind"
     with pytest.raises(SystemExit) as exit_info:
         cli.main([str(src), "--tokenizer", tokenizer, "--output-prefix", str(tmp_path / "out"), "--strict", "--workers", "0", "--no-progress"])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith(f"data_prep: error: {src}:3: ")
 

@@ -18,7 +18,9 @@ MODEL = [
     "model.moe_ffn_hidden_size=256", "attention.block_size=32", "attention.topk_blocks=4", "attention.index_head_dim=64",
     "data.seq_length=2048", "data.mock_min_doc=64", "data.mock_max_doc=4096",
 ]
-TRAIN = MODEL + ["train.steps=20", "stage.warmup_tokens=24576", "optim.lr_warmup_steps=3", "checkpoint.save=null"]
+# 4 micro-batches of 2048 tokens per step (EP 4 leaves 4 data-parallel ranks); steps 1-6 dense.
+TRAIN = MODEL + ["train.steps=20", "train.global_batch_size=4", "stage.warmup_tokens=49152", "optim.lr_warmup_steps=3",
+                 "checkpoint.save=null"]
 LAYOUTS = {
     "tp2xcp2": ["parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2"],
     "ep4": ["parallel.expert_model_parallel_size=4"],

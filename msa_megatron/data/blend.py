@@ -10,8 +10,9 @@ import os
 from dataclasses import dataclass
 
 from msa_megatron.config import ConfigError, RunConfig
+from msa_megatron.data.index_check import check_index_pair
 from data_prep.manifest import Manifest, manifest_path
-from data_prep.tokenizer_file import TokenizerFileError, load_tokenizer
+from data_prep.tokenizer_file import TokenizerFileError, file_sha256, load_tokenizer, resolve_tokenizer_file
 
 
 @dataclass
@@ -44,6 +45,7 @@ def check_blend(cfg: RunConfig) -> CheckedBlend:
             raise ConfigError(
                 f"data.blend[{i}]={prefix!r}: EOD id {m.eod_id} differs from data.blend[0]={prefixes[0]!r} (EOD id {manifests[0].eod_id})"
             )
+        check_index_pair(f"data.blend[{i}]", prefix, m)
         _check_split_nonempty(i, prefix, m, d.split)
 
     if d.tokenizer:
@@ -106,4 +108,12 @@ def _check_tokenizer(path: str, prefixes: list[str], manifests: list[Manifest], 
             raise ConfigError(
                 f"data.tokenizer={path!r}: EOD {m.eod_token!r} has id {token_id} there, "
                 f"but data.blend[{i}]={prefix!r} was tokenized with EOD id {m.eod_id}"
+            )
+    # the same vocabulary size and EOD can still map ids to other strings
+    sha = file_sha256(resolve_tokenizer_file(path))
+    for i, (prefix, m) in enumerate(zip(prefixes, manifests)):
+        if m.tokenizer_sha256 and m.tokenizer_sha256 != sha:
+            raise ConfigError(
+                f"data.tokenizer={path!r}: not the tokenizer data.blend[{i}]={prefix!r} was made with "
+                f"(sha256 {sha[:12]}... vs the manifest's {m.tokenizer_sha256[:12]}...)"
             )

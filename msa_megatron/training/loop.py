@@ -11,12 +11,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
+from msa_megatron import flops
 from msa_megatron.config import (
     RunConfig,
     load_config,
@@ -24,15 +25,17 @@ from msa_megatron.config import (
     to_transformer_config,
     tokens_per_step,
     validate,
+    warmup_steps,
 )
 from msa_megatron.data import build_data
 from msa_megatron.model.attention import msa_core_attentions, set_measure_recall, set_sparse_stage
 from msa_megatron.model.builder import build_model
-from msa_megatron.training import checkpoint
+from msa_megatron.training import checkpoint, preflight
 from msa_megatron.training.checkpoint import TrainState
 from msa_megatron.parallel.context import lm_loss_scale
 from msa_megatron.training.distributed import init_distributed, shutdown
-from msa_megatron.training.metrics import MetricsWriter
+from msa_megatron.training.metric_streams import separate_stream
+from msa_megatron.training.metrics import MetricsWriter, memory_metrics, throughput_metrics
 from msa_megatron.training.signals import ExitRequest
 from msa_megatron.training.stages import is_sparse_stage, stage_name
 
@@ -41,6 +44,7 @@ def run(cfg) -> dict:
     """Train as configured; returns the last log record (on every rank)."""
     cfg = cfg if isinstance(cfg, RunConfig) else load_config(cfg)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines drown the step lines
+    preflight.check(cfg)  # user errors, before any process group, model or file
     topo = init_distributed(cfg)
     try:
         return Trainer(cfg, topo).train()
@@ -89,7 +93,7 @@ class Trainer:
         vpp = cfg.parallel.virtual_pipeline_model_parallel_size
         stages = [None] if not vpp else list(range(vpp))  # virtual pipeline: one model chunk per stage
         chunks = [build_model(cfg, self.tconfig, vp_stage=v) for v in stages]
-        self.state = TrainState()
+        self.state, resumed_meta = TrainState(), {}
         resuming = checkpoint.latest_step(cfg.checkpoint.load) is not None
         if cfg.checkpoint.init_from and not resuming:  # before the optimizer copies the weights
             fresh = checkpoint.init_weights(chunks, cfg.checkpoint.init_from, cfg.checkpoint.init_allow_missing)
@@ -111,7 +115,7 @@ class Trainer:
         self.tconfig.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         if resuming:
-            self.state = checkpoint.resume(self, cfg.checkpoint.load)
+            self.state, resumed_meta = checkpoint.resume(self, cfg.checkpoint.load, say=self._say)
             self._say(
                 f"resumed from {cfg.checkpoint.load} at step {self.state.step} "
                 f"({self.state.consumed_tokens:,} tokens, stage {stage_name(cfg, self.state.consumed_tokens)})"
@@ -119,10 +123,14 @@ class Trainer:
         self.data = build_data(
             cfg, dp_rank=topo.dp_rank, dp_size=topo.dp_size, consumed_microbatches=self.state.step * self.num_microbatches
         )
-        self.metrics = MetricsWriter(cfg, cfg.output_dir, active=topo.is_logger)
+        self.metrics = MetricsWriter(
+            cfg, cfg.output_dir, active=topo.is_logger, resume_step=self.state.step, wandb_run_id=resumed_meta.get("wandb_run_id")
+        )
         self.forward_step = functools.partial(forward_step, sample_len=cfg.data.seq_length)
         self.msa_layers = msa_core_attentions(self.model)
         self.exit_request = ExitRequest(_device())
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        self.peak_flops = flops.peak_flops_per_gpu(cfg.train.precision, device_name, cfg.logging.peak_tflops_per_gpu)
 
     def _build_optimizer(self):
         o, bf16 = self.cfg.optim, self.cfg.train.precision == "bf16"
@@ -139,9 +147,9 @@ class Trainer:
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
         )
-        overrides = None
+        overrides = get_standard_config_overrides(config)  # no weight decay on norms and biases
         if o.index_lr is not None:  # the index projections' own LR: a param group, not freezing
-            overrides = {ParamKey(name="*.indexer.*"): {"max_lr": o.index_lr, "min_lr": o.index_lr * o.min_lr / o.lr}}
+            overrides[ParamKey(name="*.indexer.*")] = {"max_lr": o.index_lr, "min_lr": o.index_lr * o.min_lr / o.lr}
         return get_megatron_optimizer(config, self.model, config_overrides=overrides)
 
     def _build_scheduler(self):
@@ -151,13 +159,17 @@ class Trainer:
             init_lr=0.0,
             max_lr=o.lr,
             min_lr=o.min_lr,
-            lr_warmup_steps=o.lr_warmup_steps * gbs,
+            lr_warmup_steps=warmup_steps(self.cfg) * gbs,
             lr_decay_steps=steps * gbs,
             lr_decay_style=o.lr_decay_style,
             start_wd=o.weight_decay,
             end_wd=o.weight_decay,
             wd_incr_steps=steps * gbs,
             wd_incr_style="constant",
+            # a resume follows this config's schedule (checkpoint.resume logs any change); only the
+            # step count comes from the checkpoint
+            override_opt_param_scheduler=True,
+            use_checkpoint_opt_param_scheduler=False,
         )
 
     # ------------------------------------------------------------------ steps
@@ -208,13 +220,13 @@ class Trainer:
             if done % t.log_interval == 0 or last or exiting:
                 record = self._log(done, window, time.perf_counter() - start)
                 window = _Window()
-            if self.data.valid is not None and t.eval_interval and (done % t.eval_interval == 0 or last):
-                self.evaluate(done)
             if ck.save and (last or exiting or (ck.save_interval and done % ck.save_interval == 0)):
                 path = checkpoint.save(self, state, self.metrics.wandb_run_id)
                 self._say(f"saved checkpoint {path}")
+            if self.data.valid is not None and t.eval_interval and (done % t.eval_interval == 0 or last):
+                self.evaluate(done)  # after the save: a failing validation never costs the checkpoint
             if exiting:
-                why = self.exit_request.received or f"train.exit_interval={t.exit_interval}"
+                why = self.exit_request.reason or f"train.exit_interval={t.exit_interval}"
                 self._say(f"exiting at step {done} ({why}); rerun the same command to resume")
                 break
         self.metrics.close()
@@ -280,8 +292,9 @@ class Trainer:
             record["msa/block_recall"], record["msa/score_recall"] = recall
         for name, value in moe.items():
             record[f"moe/{name}"] = value
-        if torch.cuda.is_available():
-            record["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        sparse = is_sparse_stage(cfg, consumed_before_last)
+        record.update(throughput_metrics(flops.training_flops_per_token(cfg, sparse), per_sec / topo.world_size, self.peak_flops))
+        record.update(memory_metrics(_device()))
         self.metrics.log(record)
         return record
 
@@ -292,24 +305,24 @@ class Trainer:
         set_measure_recall(self.model, False)
         for chunk in self.model:
             chunk.eval()
-        try:
-            losses = get_forward_backward_func()(
-                forward_step_func=self.forward_step,
-                data_iterator=self._per_chunk(iter(batches)),
-                model=self.model,
-                num_microbatches=len(batches),
-                seq_length=self.cfg.train.micro_batch_size * self.cfg.data.seq_length,
-                micro_batch_size=1,
-                forward_only=True,
-            )
-        finally:
-            for chunk in self.model:
-                chunk.train()
-        if self.cfg.model.num_moe_experts is not None:
-            get_moe_metrics_tracker().clear()  # router stats of validation are not training stats
-        window = _Window()
-        window.add(losses, None, 0.0)
-        lm, kl_layers, _ = self._reduce(window.lm_sum, window.lm_tokens)
+        # validation's KL and router statistics go to their own trackers, not the training window's
+        with separate_stream(self.msa_layers):
+            try:
+                losses = get_forward_backward_func()(
+                    forward_step_func=self.forward_step,
+                    data_iterator=self._per_chunk(iter(batches)),
+                    model=self.model,
+                    num_microbatches=len(batches),
+                    seq_length=self.cfg.train.micro_batch_size * self.cfg.data.seq_length,
+                    micro_batch_size=1,
+                    forward_only=True,
+                )
+            finally:
+                for chunk in self.model:
+                    chunk.train()
+            window = _Window()
+            window.add(losses, None, 0.0)
+            lm, kl_layers, _ = self._reduce(window.lm_sum, window.lm_tokens)
         record = {"train/step": step, "val/lm_loss": lm, "val/kl_loss": _mean(kl_layers)}
         self.metrics.log_validation(record)
         return record
