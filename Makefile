@@ -18,6 +18,9 @@ $(STAMP): requirements.txt Makefile
 	$(PY) -m pip install -q -r requirements.txt
 	# megatron-core 0.19.2 declares Python >= 3.12 but its cp311 wheel works; its real needs are pinned above.
 	$(PY) -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
+	# DeepSpeed (ZeRO checkpoint import) is an sdist whose setup imports torch: build it against the torch
+	# installed above, without its optional C++/CUDA ops (DeepSpeed JIT-builds the ones a run needs).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	touch $(STAMP)
 
 CORPUS := .cache/stdlib

@@ -43,6 +43,7 @@ class ModelConfig:
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     qk_layernorm: bool = False
+    add_qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = True
@@ -579,6 +580,7 @@ def to_transformer_config(c: RunConfig, *, use_cpu_initialization: bool):
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         qk_layernorm=m.qk_layernorm,
