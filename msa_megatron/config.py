@@ -386,6 +386,13 @@ def _validate_model_extras(c: RunConfig) -> None:
     if m.recompute_modules is not None:
         bad = [x for x in m.recompute_modules if x not in RECOMPUTE_MODULES]
         _require(not bad, "model.recompute_modules", list(m.recompute_modules), f"unknown {bad}: choose from {', '.join(RECOMPUTE_MODULES)}")
+        if "layernorm" in m.recompute_modules:
+            _require(
+                m.transformer_impl == "transformer_engine",
+                "model.recompute_modules",
+                list(m.recompute_modules),
+                "layernorm recompute needs model.transformer_impl=transformer_engine",
+            )
         if "moe_act" in m.recompute_modules:
             _require(m.moe_grouped_gemm, "model.recompute_modules", list(m.recompute_modules), "moe_act needs model.moe_grouped_gemm=true")
 

@@ -277,10 +277,9 @@ def layer_activations(cfg: RunConfig, lay: Layout, layer: int, sparse: bool, dev
         if a.index_norm:
             out["index_branch"] += norm(t * (groups_l + 1), di)
     if "core_attn" in recompute:
-        # the checkpoint keeps its inputs: q, k and v, whose storage is the whole qkv projection
-        # output (all groups, gathered, when TP > groups), and qi, ki
-        qkv_width = (heads + 2 * groups) * d if lay.tp > groups else (heads_l + 2 * groups_l) * d
-        out["attention"] += t * qkv_width * b + t * groups_l * d * b
+        # the checkpoint keeps its inputs: q (counted above), k (after RoPE) and v (made
+        # contiguous, so the qkv projection output is freed), and qi, ki
+        out["attention"] += 2 * t * groups_l * d * b
         if msa:
             out["index_branch"] += t * (groups_l + 1) * di * b
     else:

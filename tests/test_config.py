@@ -55,6 +55,7 @@ def test_pilot_model_and_gqa_presets():
         (["model.moe_layer_freq=[0,2]"], "model.moe_layer_freq=[0, 2]"),
         (["model.recompute_granularity=full"], "model.recompute_method=None"),
         (["model.recompute_granularity=selective", "model.recompute_modules=[attn]"], "model.recompute_modules=['attn']"),
+        (["model.recompute_granularity=selective", "model.recompute_modules=[layernorm]"], "model.recompute_modules=['layernorm']"),
         (["attention.backend=cuda"], "attention.backend='cuda'"),
         (["stage.mode=sparse"], "stage.mode='sparse'"),
         (["attention.kl.coeff=-1"], "attention.kl.coeff=-1.0"),

@@ -73,6 +73,8 @@ class PackedSelfAttention(SelfAttention):
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         extra = self.core_attention_inputs(hidden_states, freqs, thd)
         if self.checkpoint_core_attention and self.training:
+            # The checkpoint keeps its inputs: a view would keep the whole qkv projection alive.
+            value = value.contiguous()
             out = self._checkpointed_attention_forward(
                 query, key, value, attention_mask, attention_bias=attention_bias,
                 packed_seq_params=packed_seq_params, core_attention_extra_kwargs=extra,
