@@ -21,10 +21,11 @@ MODEL = [
 # 4 micro-batches of 2048 tokens per step (EP 4 leaves 4 data-parallel ranks); steps 1-6 dense.
 TRAIN = MODEL + ["train.steps=20", "train.global_batch_size=4", "stage.warmup_tokens=49152", "optim.lr_warmup_steps=3",
                  "checkpoint.save=null"]
-LAYOUTS = {
-    "tp2xcp2": ["parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2"],
-    "ep4": ["parallel.expert_model_parallel_size=4"],
-    "pp2xtp2": ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"],
+LAYOUTS = {  # name -> (GPUs, overrides)
+    "tp2xcp2": (4, ["parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2"]),
+    "cp2": (2, ["parallel.context_parallel_size=2"]),
+    "ep4": (4, ["parallel.expert_model_parallel_size=4"]),
+    "pp2xtp2": (4, ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"]),
 }
 RESULTS = {}
 
@@ -34,6 +35,22 @@ def _save(name, value):
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "parallel_gpu.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
+
+
+def _rel(a, b):
+    return abs(b - a) / max(abs(a), 1e-12)
+
+
+def _compare(name, one, other):
+    """Per-step rows and the largest relative KL and grad-norm deviations from one GPU."""
+    rows = [(a["train/step"], a["train/lm_loss"], b["train/lm_loss"], a["train/kl_loss"], b["train/kl_loss"],
+             a["train/grad_norm"], b["train/grad_norm"]) for a, b in zip(one, other)]
+    worst = {"kl": max(_rel(r[3], r[4]) for r in rows), "grad_norm": max(_rel(r[5], r[6]) for r in rows),
+             "lm": max(_rel(r[1], r[2]) for r in rows)}
+    _save(name, {"step, lm 1gpu, lm layout, kl 1gpu, kl layout, gnorm 1gpu, gnorm layout": rows, "max relative deviation": worst})
+    for step, lm_a, lm_b, kl_a, kl_b, g_a, g_b in rows:
+        print(name, step, f"lm {lm_a:.4f} {lm_b:.4f}  kl {kl_a:.4f} {kl_b:.4f}  gnorm {g_a:.3f} {g_b:.3f}")
+    return rows, worst
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +63,27 @@ def one_gpu(tmp_path_factory):
     return weights, records
 
 
+@pytest.fixture(scope="module")
+def noise_floor(one_gpu, tmp_path_factory):
+    """Data parallel 4 computes the same sums as one GPU in another order: how far bf16 rounding alone
+    carries a run from one GPU in 20 steps (top-k selection turns small differences into block flips)."""
+    weights, one = one_gpu
+    dp4 = train(tmp_path_factory.mktemp("dp4"), *TRAIN, weights, nproc=4)
+    _, worst = _compare("dp4 (noise floor)", one, dp4)
+    return worst
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs")
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_tracks_one_gpu(name, one_gpu, tmp_path):
+def test_layout_tracks_one_gpu(name, one_gpu, noise_floor, tmp_path):
     weights, one = one_gpu
-    other = train(tmp_path, *TRAIN, weights, *LAYOUTS[name], nproc=4)
-    rows = [(a["train/step"], a["train/lm_loss"], b["train/lm_loss"], a["train/kl_loss"], b["train/kl_loss"],
-             a["train/grad_norm"], b["train/grad_norm"]) for a, b in zip(one, other)]
-    _save(name, {"step, lm 1gpu, lm layout, kl 1gpu, kl layout, gnorm 1gpu, gnorm layout": rows})
-    for step, lm_a, lm_b, kl_a, kl_b, *_ in rows:
-        print(name, step, f"lm {lm_a:.4f} {lm_b:.4f}  kl {kl_a:.4f} {kl_b:.4f}")
-    for step, lm_a, lm_b, kl_a, kl_b, *_ in rows:  # bf16 noise grows with training; the curves must stay together
+    gpus, layout = LAYOUTS[name]
+    rows, worst = _compare(name, one, train(tmp_path, *TRAIN, weights, *layout, nproc=gpus))
+    for step, lm_a, lm_b, *_ in rows:
         assert lm_b == pytest.approx(lm_a, rel=2e-2), (name, step)
-        assert kl_b == pytest.approx(kl_a, rel=0.1, abs=5e-3), (name, step)
+    # KL and grad norm react to selection flips: within 10% or three times the noise floor's worst step
+    for key in ("kl", "grad_norm"):
+        assert worst[key] <= max(0.1, 3 * noise_floor[key]), (name, key, worst[key], noise_floor[key])
 
 
 LONG = [
