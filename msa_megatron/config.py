@@ -64,7 +64,7 @@ class KLConfig:
 
 @dataclass
 class AttentionConfig:
-    type: str = "msa"  # msa | gqa (dense baseline, same names minus *.indexer.*)
+    type: str = "msa"  # msa | gqa (dense baseline, same names minus *.indexer.*) | local (most recent k blocks, as gqa's names)
     block_size: int = 128
     topk_blocks: int = 16  # includes the forced local block
     index_head_dim: int = 128
@@ -261,7 +261,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
         )
         _one_of("model.moe_token_dispatcher_type", m.moe_token_dispatcher_type, ("alltoall", "allgather"))
 
-    _one_of("attention.type", a.type, ("msa", "gqa"))
+    _one_of("attention.type", a.type, ("msa", "gqa", "local"))
     _one_of("attention.backend", a.backend, ("auto", "reference", "triton"))
     _require(a.topk_blocks >= 1, "attention.topk_blocks", a.topk_blocks, "must be >= 1 (it includes the local block)")
     _require(
@@ -551,6 +551,11 @@ def is_moe_layer(c: RunConfig, layer: int) -> bool:
 def is_msa_layer(c: RunConfig, layer: int) -> bool:
     """Whether 0-based `layer` runs MSA (it owns an index branch) rather than full attention."""
     return c.attention.type == "msa" and layer not in c.attention.dense_layers
+
+
+def is_local_layer(c: RunConfig, layer: int) -> bool:
+    """Whether 0-based `layer` runs the local-only baseline (own block + the k-1 before it)."""
+    return c.attention.type == "local" and layer not in c.attention.dense_layers
 
 
 def warmup_steps(c: RunConfig) -> int:
