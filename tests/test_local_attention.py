@@ -105,3 +105,17 @@ def test_model_has_the_gqa_parameters_and_its_outputs_within_the_budget(world):
     budget = 8 * 2
     torch.testing.assert_close(out_local[:, :budget], out_gqa[:, :budget])  # same init, same first 16 positions
     assert (out_local[:, budget:] - out_gqa[:, budget:]).abs().max() > 1e-4
+
+
+def test_flops_count_the_block_budget_and_no_index_branch():
+    from msa_megatron import flops
+    from msa_megatron.config import load_config
+
+    base = {"attention": {"block_size": 16, "topk_blocks": 4}, "data": {"seq_length": 1024}}
+    local = load_config({**base, "attention": {**base["attention"], "type": "local"}})
+    msa = load_config(base)
+    gqa = load_config({**base, "attention": {"type": "gqa"}})
+    f = flops.forward_flops_per_token(local, sparse=False)
+    assert f.attention_core == flops.forward_flops_per_token(msa, sparse=True).attention_core
+    assert f.attention_core < flops.forward_flops_per_token(gqa, sparse=False).attention_core
+    assert f.index_scores == f.index_projections == 0
