@@ -107,3 +107,25 @@ def test_validation_sums_loss_by_position_and_hits_by_distance(world):
     assert rec["val/answer_acc"] == pytest.approx(1 / 3)
     assert rec["val/answer_loss/0-64"] == pytest.approx(float(want[8]), rel=1e-6)
     assert "val/answer_acc/128-256" not in rec
+
+
+PASSKEY_RUN = [
+    "data=passkey", "data.seq_length=256", "data.mock_min_doc=128", "data.mock_max_doc=256", "data.passkey_pairs=6",
+    "train.steps=2", "train.eval_interval=2", "data.valid_microbatches=2", "attention.block_size=16",
+    "attention.topk_blocks=2", "attention.index_head_dim=16", "stage.warmup_tokens=512", "model.use_cpu_initialization=true",
+    "checkpoint.save=null",
+]
+
+
+@pytest.mark.slow
+def test_validation_metrics_under_tensor_parallelism_equal_one_process(tmp_path):
+    """TP ranks hold half the vocabulary each: the arg-max and the loss combine over both slices
+    and count once (CP ranks' rows: test_context_parallel_ranks_keep_their_answer_rows)."""
+    from tests.runs import train
+
+    one = [r for r in train(tmp_path / "one", *PASSKEY_RUN) if "val/lm_loss" in r][-1]
+    two = [r for r in train(tmp_path / "two", *PASSKEY_RUN, "parallel.tensor_model_parallel_size=2", nproc=2) if "val/lm_loss" in r][-1]
+    assert any(k.startswith("val/answer_acc/") for k in one) and any(k.startswith("val/lm_loss_by_pos/") for k in one)
+    assert set(one) == set(two)
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
