@@ -143,8 +143,8 @@ def run_case(args, layout: str, context: int, variant: str, out_dir: str, gpu_me
     run_dir = os.path.join(out_dir, "runs", case_id(layout, context, variant))
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-run case starts over: its steps are not resumed
     run = launch(overrides, run_dir, gpus=entry["gpus"], timeout=args.timeout, cpu=args.cpu, entry=TIMED_ENTRY)
-    if "error" in run:
-        entry["error"] = run["error"]
+    if "error" in run or "stopped" in run:
+        entry["error"] = run.get("error") or run["stopped"]
         return entry
     entry["measured"] = {**step_summary(run["records"], args.skip), "wall_s": run["wall_s"]}
     entry["time_split"] = time_split(run_dir, args.skip)

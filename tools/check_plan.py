@@ -103,8 +103,8 @@ def planned(overrides: list[str]) -> dict:
 def measure(args, name: str, overrides: list[str], out_dir: str) -> dict:
     """Train under torchrun; median step time after the first `--skip` steps and peak memory."""
     run = launch(overrides, os.path.join(out_dir, "runs", name), gpus=args.gpus, timeout=args.timeout, cpu=args.cpu)
-    if "error" in run:
-        return {"error": run["error"]}
+    if "error" in run or "stopped" in run:
+        return {"error": run.get("error") or run["stopped"]}
     summary = step_summary(run["records"], args.skip)
     keys = ("step_time_s", "peak_gib", "reserved_gib", "steps_timed", "lm_loss_last")
     return {**{k: summary[k] for k in keys}, "wall_s": run["wall_s"]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -25,10 +26,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(overrides: list[str], run_dir: str, *, gpus: int = 1, timeout: float = 600, cpu: bool = False, entry: str = TRAIN) -> dict:
+def launch(
+    overrides: list[str], run_dir: str, *, gpus: int = 1, timeout: float = 600, cpu: bool = False, entry: str = TRAIN,
+    grace: float = 90,
+) -> dict:
     """Run `entry` (train.py or a wrapper with its command line) with `output_dir=run_dir` and the
-    overrides; one process, or `gpus` under torchrun. Returns {"records": metrics.jsonl records,
-    "wall_s"} or {"error": one line}. Its console output goes to run_dir/log.txt (appended)."""
+    overrides; one process, or `gpus` under torchrun. Console output is appended to run_dir/log.txt.
+
+    Returns {"records": metrics.jsonl records, "wall_s"}, with "stopped": why when the run was
+    still going at `timeout` seconds: it then got SIGTERM (train.py saves a checkpoint at the next
+    step and exits; rerunning resumes) and, after `grace` more seconds, SIGKILL. On a failure:
+    {"error": one line}."""
     os.makedirs(run_dir, exist_ok=True)
     launcher = [sys.executable]  # one process: train.py makes its own world of one
     if gpus > 1:
@@ -37,17 +45,31 @@ def launch(overrides: list[str], run_dir: str, *, gpus: int = 1, timeout: float 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     if cpu:
         env["OMP_NUM_THREADS"] = "1"
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    with open(os.path.join(run_dir, "log.txt"), "a") as f:
-        f.write(" ".join(cmd) + "\n" + proc.stdout + "\n" + proc.stderr)
-    if proc.returncode != 0:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+    log_path = os.path.join(run_dir, "log.txt")
+    t0, stopped = time.time(), None
+    with open(log_path, "a") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            stopped = f"time limit of {timeout:.0f} s: stopped with SIGTERM"
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                return {"error": f"timed out after {timeout:.0f} s and did not stop within {grace:.0f} s of SIGTERM"}
+    if proc.returncode != 0 and stopped is None:
+        with open(log_path) as f:
+            tail = [line.strip() for line in f.read().splitlines() if line.strip()][-3:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
-    return {"records": read_records(run_dir), "wall_s": round(time.time() - t0, 1)}
+    result = {"records": read_records(run_dir), "wall_s": round(time.time() - t0, 1)}
+    if stopped:
+        result["stopped"] = stopped
+    return result
 
 
 def read_records(run_dir: str, name: str = "metrics.jsonl") -> list[dict]:
