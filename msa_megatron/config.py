@@ -64,7 +64,7 @@ class KLConfig:
 
 @dataclass
 class AttentionConfig:
-    type: str = "msa"  # msa | gqa (dense baseline, same names minus *.indexer.*)
+    type: str = "msa"  # msa | gqa (dense baseline, same names minus *.indexer.*) | local (most recent k blocks, as gqa's names)
     block_size: int = 128
     topk_blocks: int = 16  # includes the forced local block
     index_head_dim: int = 128
@@ -95,11 +95,14 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    type: str = "mock"  # mock | indexed
+    type: str = "mock"  # mock | indexed | passkey (synthetic long-range retrieval, data/passkey.py)
     seq_length: int = 256
-    # mock
+    # mock and passkey: document lengths
     mock_min_doc: int = 16
     mock_max_doc: int = 512
+    # passkey: key-value pairs stored and asked back per document, value length in tokens
+    passkey_pairs: int = 16
+    passkey_digits: int = 4
     # indexed (megatron .bin/.idx): blend entries are [weight, prefix] pairs
     blend: list = field(default_factory=list)
     split: str = "98,2,0"
@@ -261,7 +264,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
         )
         _one_of("model.moe_token_dispatcher_type", m.moe_token_dispatcher_type, ("alltoall", "allgather"))
 
-    _one_of("attention.type", a.type, ("msa", "gqa"))
+    _one_of("attention.type", a.type, ("msa", "gqa", "local"))
     _one_of("attention.backend", a.backend, ("auto", "reference", "triton"))
     _require(a.topk_blocks >= 1, "attention.topk_blocks", a.topk_blocks, "must be >= 1 (it includes the local block)")
     _require(
@@ -287,7 +290,7 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
     _validate_layout(c)
     _one_of("parallel.distributed_backend", p.distributed_backend, ("auto", "nccl", "gloo"))
 
-    _one_of("data.type", d.type, ("mock", "indexed"))
+    _one_of("data.type", d.type, ("mock", "indexed", "passkey"))
     _require(d.seq_length >= 2, "data.seq_length", d.seq_length, "must be >= 2")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     if d.type == "indexed":
@@ -298,6 +301,14 @@ def validate(c: RunConfig, world_size: Optional[int] = None) -> None:
             w = entry[0]
             number = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
             _require(number and w > 0, f"data.blend[{i}][0]", w, "weight must be a number > 0")
+    if d.type == "passkey":
+        from msa_megatron.data.passkey import MIN_VOCAB, NUM_KEYS
+
+        _require(1 <= d.passkey_pairs <= NUM_KEYS, "data.passkey_pairs", d.passkey_pairs, f"must be in [1, {NUM_KEYS}]")
+        _require(d.passkey_digits >= 1, "data.passkey_digits", d.passkey_digits, "must be >= 1")
+        _require(m.vocab_size >= MIN_VOCAB, "model.vocab_size", m.vocab_size, f"data=passkey needs at least {MIN_VOCAB} tokens")
+    if d.type in ("mock", "passkey"):
+        _require(2 <= d.mock_min_doc <= d.mock_max_doc, "data.mock_min_doc", d.mock_min_doc, f"must be in [2, data.mock_max_doc={d.mock_max_doc}]")
     _require(d.valid_microbatches >= 1, "data.valid_microbatches", d.valid_microbatches, "must be >= 1")
     _require(
         d.seq_length <= m.max_position_embeddings,
@@ -551,6 +562,11 @@ def is_moe_layer(c: RunConfig, layer: int) -> bool:
 def is_msa_layer(c: RunConfig, layer: int) -> bool:
     """Whether 0-based `layer` runs MSA (it owns an index branch) rather than full attention."""
     return c.attention.type == "msa" and layer not in c.attention.dense_layers
+
+
+def is_local_layer(c: RunConfig, layer: int) -> bool:
+    """Whether 0-based `layer` runs the local-only baseline (own block + the k-1 before it)."""
+    return c.attention.type == "local" and layer not in c.attention.dense_layers
 
 
 def warmup_steps(c: RunConfig) -> int:

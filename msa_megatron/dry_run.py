@@ -191,7 +191,8 @@ def report(plan: Plan, overrides: list[str]) -> str:
     say(f"speed at an assumed MFU of {c.assumed_mfu:.0%} ({c.peak_tflops_per_gpu:g} TFLOP/s per GPU; cluster.assumed_mfu)")
     for name in plan.stages:
         step = plan.step_time_s[name]
-        label = {"dense": "dense attention" if cfg.attention.type == "gqa" else "dense warmup", "sparse": "sparse"}[name]
+        dense_label = {"gqa": "dense attention", "local": "local attention"}.get(cfg.attention.type, "dense warmup")
+        label = {"dense": dense_label, "sparse": "sparse"}[name]
         extra = recompute_overhead(cfg, name == "sparse")
         say(f"  {label:<16} step {step:8.2f} s | {_tokens(plan.tokens_per_step / step * 86400)} tokens/day"
             + (f" | recompute adds {extra:.0%} FLOPs" if extra else ""))
@@ -207,6 +208,8 @@ def report(plan: Plan, overrides: list[str]) -> str:
 
 def _stages_line(plan: Plan) -> str:
     cfg = plan.cfg
+    if cfg.attention.type == "local":
+        return "local attention throughout (the most recent attention.topk_blocks blocks, no index branch)"
     if cfg.attention.type != "msa":
         return "dense GQA attention throughout"
     if cfg.stage.mode == "dense":

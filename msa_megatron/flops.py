@@ -8,7 +8,8 @@ pass (a second look at attention the model already paid for).
 Attention per token and layer follows MSA.md's cost model, with the context N = data.seq_length
 (a packed sample counts as one causal sequence) and the exact causal average of attended keys:
     dense (GQA, and the MSA dense warmup):  4 * Hq * d * mean_i(i + 1)
-    MSA main (sparse stage):                4 * Hq * d * mean_i(min(i + 1, k * Bk))
+    MSA main (sparse stage), and the local-only baseline (attention.type=local, every stage):
+                                            4 * Hq * d * mean_i(min(i + 1, k * Bk))
     MSA index scores (both stages):         2 * Hkv * di * mean_i(i + 1)
 which is 2*Hq*d*N, 4*Hq*d*k*Bk and Hkv*di*N for N >> k*Bk.
 """
@@ -71,6 +72,7 @@ def forward_flops_per_token(cfg, sparse: bool) -> ForwardFlops:
     layers = m.num_layers
     context = cfg.data.seq_length
     msa_layers = len(msa_layer_numbers(cfg))
+    local_layers = m.num_layers - len(set(a.dense_layers)) if a.type == "local" else 0
     moe_layers = len(moe_layer_numbers(cfg))
 
     projections = layers * 2 * h * (hq * d + 2 * hkv * d + hq * d)
@@ -81,7 +83,8 @@ def forward_flops_per_token(cfg, sparse: bool) -> ForwardFlops:
     sparse_keys = mean_attended_keys(context, a.topk_blocks * a.block_size)
     core_dense = 4 * hq * d * dense_keys
     core_sparse = 4 * hq * d * sparse_keys
-    core = (layers - msa_layers) * core_dense + msa_layers * (core_sparse if sparse else core_dense)
+    core = (layers - msa_layers - local_layers) * core_dense + local_layers * core_sparse
+    core += msa_layers * (core_sparse if sparse else core_dense)
     index_scores = msa_layers * 2 * hkv * di * dense_keys
 
     glu = 3  # gated linear unit: gate, up, down

@@ -576,6 +576,8 @@ def make_plan(cfg: RunConfig, device: str = "cuda") -> Plan:
     here = per_token[cfg.data.seq_length]
     key = {"dense": "msa_warmup" if cfg.attention.type == "msa" else "dense_gqa", "sparse": "msa_sparse"}
     step = {name: tokens * here[key[name]] / rate for name in ("dense", "sparse")}
+    if cfg.attention.type == "local":  # its one stage attends k blocks, like the sparse stage
+        step["dense"] = tokens * flops.training_flops_per_token(cfg, sparse=False) / rate
     warmup_steps = cfg.train.steps  # steps in the dense stage (all of them for gqa and stage.mode=dense)
     if cfg.attention.type == "msa" and cfg.stage.mode != "dense":
         warmup_steps = min(math.ceil(cfg.stage.warmup_tokens / tokens), cfg.train.steps)
@@ -586,7 +588,7 @@ def index_split(cfg: RunConfig, lay: Layout) -> list[str]:
     """How the index branch and the top-k selection are spread over the TP ranks (report lines)."""
     m, a = cfg.model, cfg.attention
     if a.type != "msa":
-        return ["no index branch (attention.type=gqa)"]
+        return [f"no index branch (attention.type={a.type})"]
     groups, tp, di = m.num_query_groups, lay.tp, a.index_head_dim
     heads_per_group = m.num_attention_heads // groups
     t = micro_batch_tokens(cfg, lay).local

@@ -133,6 +133,29 @@ else:
         assert rel(o2, o2_r) < 1e-2
         assert (o1[60:].float() - o2[60:].float()).abs().max() > 1e-2
 
+    def test_local_baseline_through_the_kernels():
+        """attention.type=local: the selection built from positions, then the sparse kernels, fwd and bwd
+        (the whole batch and a context-parallel subset of its queries)."""
+        from msa_megatron import ops
+
+        q, k, v, _, _, cu = make(LENGTHS, 4, 2, seed=11)
+        sh = shape(16, 16, 3, LENGTHS)
+        sel = ops.local_selection(cu, q.shape[0], sh, 2)
+        qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        o, lse = ops.sparse_attention(qg, kg, vg, sel, cu, sh, "triton")
+        do = torch.randn_like(o)
+        torch.autograd.backward(o, do)
+        qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]
+        o_r, lse_r = ref.sparse_attention(qd, kd, vd, sel, cu, BK)
+        torch.autograd.backward(o_r, do.double())
+        assert rel(o, o_r) < 1e-2 and rel(lse, lse_r) < 1e-5
+        for got, want in ((qg.grad, qd.grad), (kg.grad, kd.grad), (vg.grad, vd.grad)):
+            assert rel(got, want) < 1e-2
+        qpos = torch.arange(1, q.shape[0], 3)
+        sub = ops.local_selection(cu, q.shape[0], sh, 2, qpos=qpos)
+        o_sub, _ = ops.sparse_attention(q[qpos], k, v, sub, cu, sh, "triton", qpos=qpos)
+        assert rel(o_sub, o_r[qpos]) < 1e-2
+
     @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 1, 24)])
     def test_dense_attention(hq, hkv, d):
         lengths = [1, 15, 16, 17, 50]

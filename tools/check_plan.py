@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import statistics
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_runs import ROOT, compose, environment, launch, ratio, step_summary
+
 sys.path.insert(0, ROOT)
 
 GPU_PROXY = [
@@ -58,12 +55,6 @@ VARIANTS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def overrides_for(args, layout: str, variant: str) -> list[str]:
     proxy = CPU_PROXY if args.cpu else GPU_PROXY
     dp_ranks = args.gpus // _model_parallel(LAYOUTS[layout])
@@ -88,14 +79,9 @@ def _model_parallel(layout: list[str]) -> int:
 def planned(overrides: list[str]) -> dict:
     """The planner's prediction for these overrides: peak allocated GiB of the logging rank's
     pipeline stage (the last) in the stage that runs, and the step time at the assumed MFU."""
-    from hydra import compose, initialize_config_dir
-
-    from msa_megatron.config import load_config, register_hydra_schema
     from msa_megatron.plan import GIB, make_plan
 
-    register_hydra_schema()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
-        cfg = load_config(compose(config_name="config", overrides=overrides))
+    cfg = compose(overrides)
     plan = make_plan(cfg)
     stage = list(plan.stages)[-1]  # "sparse" when the run reaches it, else "dense"
     mem = plan.stages[stage][-1]
@@ -116,60 +102,12 @@ def planned(overrides: list[str]) -> dict:
 
 def measure(args, name: str, overrides: list[str], out_dir: str) -> dict:
     """Train under torchrun; median step time after the first `--skip` steps and peak memory."""
-    run_dir = os.path.join(out_dir, "runs", name)
-    os.makedirs(run_dir, exist_ok=True)
-    launcher = [sys.executable]  # one process: train.py makes its own world of one
-    if args.gpus > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}", f"--master_port={free_port()}"]
-    cmd = launcher + [os.path.join(ROOT, "train.py"), f"output_dir={run_dir}", *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    if args.cpu:
-        env["OMP_NUM_THREADS"] = "1"
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
-    with open(os.path.join(run_dir, "log.txt"), "w") as f:
-        f.write(" ".join(cmd) + "\n" + proc.stdout + "\n" + proc.stderr)
-    if proc.returncode != 0:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    steps = [r for r in records if "train/step_time_s" in r]
-    timed = [r["train/step_time_s"] for r in steps[args.skip:]] or [r["train/step_time_s"] for r in steps[-1:]]
-    mem = [r["mem/max_allocated_gb"] for r in steps if "mem/max_allocated_gb" in r]
-    reserved = [r["mem/max_reserved_gb"] for r in steps if "mem/max_reserved_gb" in r]
-    return {
-        "step_time_s": statistics.median(timed),
-        "peak_gib": max(mem) if mem else None,  # GiB despite the key's name (bytes / 2**30)
-        "reserved_gib": max(reserved) if reserved else None,  # the allocator's (when the trainer logs it)
-        "steps_timed": len(timed),
-        "wall_s": round(time.time() - t0, 1),
-        "lm_loss_last": steps[-1].get("train/lm_loss") if steps else None,
-    }
-
-
-def environment(cpu: bool) -> dict:
-    import torch
-
-    env = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    if not cpu and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["cuda"] = torch.version.cuda
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    for mod in ("triton", "megatron.core", "transformer_engine"):
-        try:
-            module = __import__(mod, fromlist=["__version__"])
-            env[mod] = getattr(module, "__version__", "importable")
-        except Exception:
-            env[mod] = None
-    return env
-
-
-def ratio(a, b):
-    return round(a / b, 3) if a is not None and b else None
+    run = launch(overrides, os.path.join(out_dir, "runs", name), gpus=args.gpus, timeout=args.timeout, cpu=args.cpu)
+    if "error" in run or "stopped" in run:
+        return {"error": run.get("error") or run["stopped"]}
+    summary = step_summary(run["records"], args.skip)
+    keys = ("step_time_s", "peak_gib", "reserved_gib", "steps_timed", "lm_loss_last")
+    return {**{k: summary[k] for k in keys}, "wall_s": run["wall_s"]}
 
 
 def markdown(results: list[dict], env: dict, command: str) -> str:

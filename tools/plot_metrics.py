@@ -2,6 +2,9 @@
 
     python tools/plot_metrics.py outputs/tiny-msa-msa_pt/metrics.jsonl -o metrics.png
 
+`plot_comparison` draws several runs side by side (tools/quality_study.py): validation loss,
+answer accuracy by distance, loss by position, recall.
+
 Panels: LM loss (training, and validation when logged), mean KL over MSA layers, KL per layer,
 and block / score recall when `attention.recall_interval` logged them. A dashed line marks the
 first step trained in the sparse stage.
@@ -104,6 +107,75 @@ def plot(train: list[dict], valid: list[dict], out: str, title: str = "") -> lis
     fig.suptitle(title or "msa-megatron training")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return list(axes.flat)
+
+
+# ------------------------------------------------------------------ several runs side by side
+
+
+def buckets(record: dict, prefix: str) -> tuple[list, list]:
+    """(bucket [lo, hi) pairs, values) of the keys `<prefix>/<lo>-<hi>` of a record, by lo."""
+    found = []
+    for key, value in record.items():
+        if key.startswith(prefix + "/") and value is not None:
+            lo, hi = key[len(prefix) + 1:].split("-")
+            found.append(((int(lo), int(hi)), value))
+    found.sort()
+    return [b for b, _ in found], [v for _, v in found]
+
+
+def _centres(edges: list) -> list:
+    """Geometric centre of each bucket (the first one, from 0, at half its upper edge)."""
+    return [((lo * hi) ** 0.5) if lo > 0 else hi / 2 for lo, hi in edges]
+
+
+def plot_comparison(runs: list[dict], out: str, budget=None, title: str = "") -> list:
+    """Compare runs on one figure; returns its axes. Each run: {"name", "train", "valid" (records),
+    "step_offset" (steps trained before this run's step 1, e.g. the dense part of a conversion),
+    "tokens_per_step"}. Panels: validation LM loss over tokens, answer accuracy by distance and
+    LM loss by position at the last validation, block and score recall over tokens. `budget`
+    (k * Bk tokens) is marked on the distance and position axes."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    loss, accuracy, by_pos, recall = axes.flat
+    tokens = lambda run, step: (step + run.get("step_offset", 0)) * run["tokens_per_step"] / 1e6
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        steps, values = series(run["valid"], "val/lm_loss")
+        loss.plot([tokens(run, s) for s in steps], values, "o-", color=color, label=run["name"], markersize=3)
+        last = run["valid"][-1] if run["valid"] else {}
+        edges, acc = buckets(last, "val/answer_acc")
+        if edges:
+            accuracy.plot(_centres(edges), acc, "o-", color=color, label=run["name"])
+        edges, pos_loss = buckets(last, "val/lm_loss_by_pos")
+        if edges:
+            by_pos.plot(_centres(edges), pos_loss, "o-", color=color, label=run["name"])
+        for key, style in (("msa/block_recall", "o-"), ("msa/score_recall", "s--")):
+            steps, values = series(run["train"], key)
+            if steps:
+                label = f"{run['name']} {key.split('/')[1].split('_')[0]}"
+                recall.plot([tokens(run, s) for s in steps], values, style, color=color, label=label, markersize=3)
+    loss.set_title("validation LM loss")
+    loss.set_xlabel("tokens trained (M)")
+    accuracy.set_title("answer accuracy by distance (last validation)")
+    accuracy.set_xlabel("distance back to the stored value (tokens)")
+    accuracy.set_ylim(-0.02, 1.02)
+    by_pos.set_title("validation LM loss by position in the document (last validation)")
+    by_pos.set_xlabel("position (tokens)")
+    recall.set_title("index top-k recall of the main attention's blocks")
+    recall.set_xlabel("tokens trained (M)")
+    recall.set_ylim(0, 1.05)
+    for ax in (accuracy, by_pos):
+        ax.set_xscale("log", base=2)
+        if budget:
+            ax.axvline(budget, color="gray", linestyle="--", linewidth=1, label=f"block budget k x Bk = {budget}")
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "quality study")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return list(axes.flat)
 

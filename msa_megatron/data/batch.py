@@ -26,6 +26,9 @@ class PackedBatch:
     # cu_seqlens and max_seqlen still describe the whole micro-batch.
     qpos: Optional[torch.Tensor] = None  # [T_local] int64, row of each local token in the micro-batch
     cp_gather_index: Optional[torch.Tensor] = None  # [T] int64, see parallel/context.gather_order
+    # Synthetic retrieval data (data=passkey): for each row whose label is an answer token, how
+    # many tokens back its content was stored; -1 elsewhere. None for other data.
+    answer_distance: Optional[torch.Tensor] = None  # [1, T] int64
 
     @property
     def num_tokens(self) -> int:
@@ -61,17 +64,25 @@ class PackedBatch:
 
         dev = self.tokens.device
         rows = rank_rows(self.num_tokens, sample_len, cp_size, cp_rank, device=dev)
-        local = {name: getattr(self, name)[:, rows] for name in ("tokens", "labels", "loss_mask", "position_ids")}
+        per_token = ("tokens", "labels", "loss_mask", "position_ids", "answer_distance")
+        local = {name: getattr(self, name)[:, rows] for name in per_token if getattr(self, name) is not None}
         return replace(self, **local, qpos=rows, cp_gather_index=gather_order(self.num_tokens, sample_len, cp_size, device=dev))
 
 
-def pack_samples(samples: list[torch.Tensor], eod: int, split_documents: bool = True, reset_positions: bool = True) -> PackedBatch:
+def pack_samples(
+    samples: list[torch.Tensor],
+    eod: int,
+    split_documents: bool = True,
+    reset_positions: bool = True,
+    answer_distances: Optional[list[torch.Tensor]] = None,
+) -> PackedBatch:
     """Build a PackedBatch from samples of seq_length + 1 token ids each (megatron's GPTDataset form).
 
     With ``split_documents`` every EOD token ends a document: attention stops there and the EOD
     position's label (the next document's first token) is masked out of the loss. Without it each
     sample is one sequence (megatron's plain concatenation). ``reset_positions`` restarts
-    position ids at each document.
+    position ids at each document. ``answer_distances`` (one per sample, per token like the
+    sample, -1 where the token is not an answer) become the rows' ``answer_distance`` (of their labels).
     """
     tokens, labels, masks, positions, edges = [], [], [], [], [0]
     offset = 0
@@ -96,6 +107,9 @@ def pack_samples(samples: list[torch.Tensor], eod: int, split_documents: bool = 
         offset += n
     cu = torch.tensor(edges, dtype=torch.int32)
     max_seqlen = int((cu[1:] - cu[:-1]).max())
+    answers = None
+    if answer_distances is not None:
+        answers = torch.cat([dist.to(torch.long)[1:] for dist in answer_distances])[None]
     return PackedBatch(
         tokens=torch.cat(tokens)[None],
         labels=torch.cat(labels)[None],
@@ -103,4 +117,5 @@ def pack_samples(samples: list[torch.Tensor], eod: int, split_documents: bool = 
         position_ids=torch.cat(positions)[None],
         cu_seqlens=cu,
         max_seqlen=max_seqlen,
+        answer_distance=answers,
     )

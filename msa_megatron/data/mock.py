@@ -39,14 +39,38 @@ class MockDocuments:
         body = motif.repeat(length // motif_len + 1)[: length - 1]
         return torch.cat([body, torch.tensor([self.eod])])
 
-    def sample(self, g: torch.Generator, length: int) -> torch.Tensor:
-        """`length` tokens of concatenated documents (the last one cut at the sample edge)."""
+    def sample(self, g: torch.Generator, length: int) -> tuple[torch.Tensor, None]:
+        """`length` tokens of concatenated documents (the last one cut at the sample edge); no answers."""
         parts, n = [], 0
         while n < length:
             doc = self.document(g)
             parts.append(doc)
             n += doc.numel()
-        return torch.cat(parts)[:length]
+        return torch.cat(parts)[:length], None
+
+
+def document_batches(
+    docs,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    seed: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    microbatches_per_step: int = 1,
+    start: int = 0,
+) -> Iterator[PackedBatch]:
+    """Endless micro-batches of one data-parallel rank from a synthetic document source (`docs.sample(g,
+    length)` -> (tokens, answer distances or None)), from its local micro-batch `start` on."""
+    n = start
+    while True:
+        step, i = divmod(n, microbatches_per_step)
+        global_index = (step * dp_size + dp_rank) * microbatches_per_step + i
+        g = torch.Generator().manual_seed(hash((seed, global_index)) & 0x7FFFFFFF)
+        samples = [docs.sample(g, seq_length + 1) for _ in range(micro_batch_size)]
+        answers = [a for _, a in samples] if samples[0][1] is not None else None
+        yield pack_samples([t for t, _ in samples], eod=docs.eod, answer_distances=answers)
+        n += 1
 
 
 def mock_batches(
@@ -63,12 +87,7 @@ def mock_batches(
     start: int = 0,
 ) -> Iterator[PackedBatch]:
     """Endless micro-batches of one data-parallel rank, from its local micro-batch `start` on."""
-    docs = MockDocuments(vocab_size, min_doc, max_doc, seed)
-    n = start
-    while True:
-        step, i = divmod(n, microbatches_per_step)
-        global_index = (step * dp_size + dp_rank) * microbatches_per_step + i
-        g = torch.Generator().manual_seed(hash((seed, global_index)) & 0x7FFFFFFF)
-        samples = [docs.sample(g, seq_length + 1) for _ in range(micro_batch_size)]
-        yield pack_samples(samples, eod=docs.eod)
-        n += 1
+    return document_batches(
+        MockDocuments(vocab_size, min_doc, max_doc, seed), seq_length=seq_length, micro_batch_size=micro_batch_size,
+        seed=seed, dp_rank=dp_rank, dp_size=dp_size, microbatches_per_step=microbatches_per_step, start=start,
+    )

@@ -8,7 +8,8 @@ the same computation). `MSASelfAttention` adds the index branch (`indexer.*`) an
 projections to `MSACoreAttention`, which picks the stage: dense warmup (full causal attention,
 KL on all visible tokens) or sparse (indexer top-k, attention over the selected blocks, KL on that
 support). `PackedCoreAttention` is the dense, document-aware core used by `attention.type=gqa`
-and by `attention.dense_layers`, so all share every parameter name except `*.indexer.*`.
+and by `attention.dense_layers`; `LocalCoreAttention` (`attention.type=local`) keeps only the most
+recent blocks. All share every parameter name except `*.indexer.*`.
 
 Core attentions see megatron's layouts: THD ([t, heads, d], with packed_seq_params) or
 [s, b, heads, d] (each sample one document). They return [t, heads*d] / [s, b, heads*d].
@@ -179,6 +180,20 @@ class PackedCoreAttention(MegatronModule):
         q, k, v, cu, max_seqlen, qpos, back = self._packed(query, key, value, packed_seq_params)
         backend = ops.resolve_backend(self.backend_name, q.device)
         o, _ = ops.dense_attention(q, k, v, cu, self._shape(max_seqlen), backend, qpos=qpos)
+        return back(o)
+
+
+class LocalCoreAttention(PackedCoreAttention):
+    """The local-only baseline (`attention.type=local`): each query attends to its own block and
+    the k-1 blocks right before it, MSA's block budget without an index branch or KL. Runs on the
+    same sparse-attention ops as MSA, with a selection built from positions (no parameters)."""
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        q, k, v, cu, max_seqlen, qpos, back = self._packed(query, key, value, packed_seq_params)
+        backend = ops.resolve_backend(self.backend_name, q.device)
+        shape = self._shape(max_seqlen)
+        topk = ops.local_selection(cu, q.shape[0], shape, k.shape[1], qpos=qpos)
+        o, _ = ops.sparse_attention(q, k, v, topk, cu, shape, backend, qpos=qpos)
         return back(o)
 
 

@@ -1,7 +1,8 @@
 """megatron-core layer specs with MSA (or the dense baseline) as the self-attention.
 
 One spec per layer: the attention is MSA unless `attention.type=gqa` or the layer is listed in
-`attention.dense_layers` (full attention, no index branch); the FFN is MoE unless
+`attention.dense_layers` (full attention, no index branch), or the local-only baseline with
+`attention.type=local` (the most recent blocks, no index branch); the FFN is MoE unless
 `model.moe_layer_freq` marks the layer dense. All variants share every parameter name except the
 `*.indexer.*` weights. Local spec pieces by default; Transformer Engine linears and norms when
 `model.transformer_impl` selects them (TE's fused norm+qkv linear is not used: the index branch
@@ -18,8 +19,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
-from msa_megatron.config import is_moe_layer, is_msa_layer
+from msa_megatron.config import is_local_layer, is_moe_layer, is_msa_layer
 from msa_megatron.model.attention import (
+    LocalCoreAttention,
     MSACoreAttention,
     MSASelfAttention,
     MSASelfAttentionSubmodules,
@@ -89,7 +91,8 @@ def layer_spec(cfg, use_te: bool, layer: int = 0) -> tuple[ModuleSpec, type]:
         attn.submodules.core_attention = functools.partial(MSACoreAttention, **core_args)
     else:
         attn.module = PackedSelfAttention
-        attn.submodules.core_attention = functools.partial(PackedCoreAttention, **core_args)
+        core = LocalCoreAttention if is_local_layer(cfg, layer) else PackedCoreAttention
+        attn.submodules.core_attention = functools.partial(core, **core_args)
     return ModuleSpec(module=TransformerLayer, submodules=sub), final_norm
 
 

@@ -1,6 +1,6 @@
 """MSA operators behind one backend switch.
 
-The model calls only the four functions below; each picks the plain PyTorch oracle
+The model calls only the functions below; each picks the plain PyTorch oracle
 (``reference``) or the Hopper kernels (``triton``). ``auto`` means Triton on CUDA tensors and the
 reference elsewhere. All tensors are packed THD (see ops/reference.py for shapes).
 
@@ -9,6 +9,7 @@ reference elsewhere. All tensors are packed THD (see ops/reference.py for shapes
 - ``dense_attention``  causal attention inside each document: (o, lse), differentiable in q, k, v
 - ``indexer_kl``       KL(teacher || index) scalar, differentiable in qi, ki only
 - ``selection_recall`` block / score recall of a selection on a deterministic sample of queries
+- ``local_selection`` the local-only baseline's selection (own block + the k-1 before it), any device
 
 Every function takes an optional ``qpos`` [Tq]: the key row of each query when a rank keeps only
 some of the queries (context parallelism; see ops/reference.py). None: queries = key rows.
@@ -68,6 +69,12 @@ def select_blocks(qi, ki, cu_seqlens, shape: MSAShape, backend: str, qpos=None):
     if backend == "triton":
         return _triton().select_blocks(qi, ki, cu_seqlens, shape, **_triton_kwargs(qpos))
     return reference.msa_indexer(qi, ki, cu_seqlens, shape.block_size, shape.topk, shape.index_scale, qpos=qpos)
+
+
+def local_selection(cu_seqlens, n_queries: int, shape: MSAShape, groups: int, qpos=None):
+    """[G, Tq, k] int32 selection of the most recent blocks (plain PyTorch on any device, no host sync).
+    n_queries: the query count when qpos is None (queries = key rows)."""
+    return reference.local_selection(cu_seqlens, n_queries, shape.block_size, shape.topk, groups, qpos=qpos)
 
 
 def sparse_attention(q, k, v, topk, cu_seqlens, shape: MSAShape, backend: str, qpos=None):

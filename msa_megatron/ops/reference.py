@@ -209,6 +209,22 @@ def msa_indexer(qi, ki, cu_seqlens, block_size, topk, index_scale=None, chunk=DE
     return sel, index_lse(qi, ki, sel, cu_seqlens, block_size, index_scale, chunk, qpos)
 
 
+def local_selection(cu_seqlens, n_keys: int, block_size: int, topk: int, groups: int, qpos=None) -> torch.Tensor:
+    """The local-only baseline's selection in the contract layout [G, Tq, k] int32: every query
+    keeps its own block L and the k-1 blocks right before it (L-k+1 .. L, those that exist), the
+    same block budget as MSA without an index branch. Built from positions on the device of
+    cu_seqlens, without a host sync; the same for every group."""
+    cu = cu_seqlens.to(torch.long)
+    rows = torch.arange(n_keys, device=cu.device) if qpos is None else qpos.to(device=cu.device, dtype=torch.long)
+    pos = rows - cu[torch.searchsorted(cu, rows, right=True) - 1]
+    local = pos // block_size
+    valid = torch.clamp(local + 1, max=topk)  # slots in use: min(L + 1, k)
+    slot = torch.arange(topk, device=cu.device)
+    ids = local[:, None] - valid[:, None] + 1 + slot[None, :]  # ascending, L in the last valid slot
+    sel = torch.where(slot[None, :] < valid[:, None], ids, -1).to(torch.int32)
+    return sel.unsqueeze(0).expand(groups, -1, -1).contiguous()
+
+
 # --------------------------------------------------------------------------- main branch
 
 

@@ -30,7 +30,7 @@ from msa_megatron.config import (
 from msa_megatron.data import build_data
 from msa_megatron.model.attention import msa_core_attentions, set_measure_recall, set_sparse_stage
 from msa_megatron.model.builder import build_model
-from msa_megatron.training import checkpoint, preflight
+from msa_megatron.training import checkpoint, evaluation, preflight
 from msa_megatron.training.checkpoint import TrainState
 from msa_megatron.parallel.context import lm_loss_scale
 from msa_megatron.training.distributed import init_distributed, shutdown
@@ -72,15 +72,28 @@ def lm_loss_func(loss_mask: torch.Tensor, output: torch.Tensor, cp_group=None):
     return loss_sum, count.to(torch.int), report
 
 
-def forward_step(data_iterator, model, sample_len: int = 0):
-    """One micro-batch through this stage's model chunk; CP ranks keep their share of the tokens."""
+def _local_batch(data_iterator, sample_len: int):
+    """The next micro-batch on this device; CP ranks keep their share of the tokens."""
     batch = next(data_iterator).to(_device())
     cp = ps.get_context_parallel_world_size()
     if cp > 1:
         batch = batch.split_for_context_parallel(sample_len, cp, ps.get_context_parallel_rank())
+    return batch
+
+
+def forward_step(data_iterator, model, sample_len: int = 0):
+    """One micro-batch through this stage's model chunk."""
+    batch = _local_batch(data_iterator, sample_len)
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels, packed_seq_params=batch.packed_seq_params())
-    cp_group = ps.get_context_parallel_group() if cp > 1 else None
+    cp_group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
     return output, functools.partial(lm_loss_func, batch.loss_mask, cp_group=cp_group)
+
+
+def validation_forward_step(data_iterator, model, sample_len: int = 0, edges=()):
+    """One validation micro-batch: the last stage returns logits, which training/evaluation.py scores."""
+    batch = _local_batch(data_iterator, sample_len)
+    output = model(batch.tokens, batch.position_ids, None, packed_seq_params=batch.packed_seq_params())
+    return output, functools.partial(evaluation.validation_loss_func, batch, list(edges))
 
 
 class Trainer:
@@ -300,8 +313,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """LM and KL loss over the validation stream, in the stage of the current step."""
+        """LM and KL loss over the validation stream, in the stage of the current step, and the
+        loss by position / retrieval accuracy by distance of training/evaluation.py."""
         batches = list(self.data.valid())
+        edges = evaluation.bucket_edges(self.cfg.data.seq_length)
         set_measure_recall(self.model, False)
         for chunk in self.model:
             chunk.eval()
@@ -309,7 +324,7 @@ class Trainer:
         with separate_stream(self.msa_layers):
             try:
                 losses = get_forward_backward_func()(
-                    forward_step_func=self.forward_step,
+                    forward_step_func=functools.partial(validation_forward_step, sample_len=self.cfg.data.seq_length, edges=edges),
                     data_iterator=self._per_chunk(iter(batches)),
                     model=self.model,
                     num_microbatches=len(batches),
@@ -323,7 +338,9 @@ class Trainer:
             window = _Window()
             window.add(losses, None, 0.0)
             lm, kl_layers, _ = self._reduce(window.lm_sum, window.lm_tokens)
-        record = {"train/step": step, "val/lm_loss": lm, "val/kl_loss": _mean(kl_layers)}
+        contributes = ps.is_pipeline_last_stage() and self.topo.tp_rank == 0
+        buckets = evaluation.reduce_buckets(losses, edges, contributes, _device())
+        record = {"train/step": step, "val/lm_loss": lm, "val/kl_loss": _mean(kl_layers), **buckets}
         self.metrics.log_validation(record)
         return record
 

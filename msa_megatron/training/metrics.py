@@ -119,7 +119,10 @@ class MetricsWriter:
         if self.console:
             lm, kl = record.get("val/lm_loss"), record.get("val/kl_loss")
             fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
-            print(f"validation at step {record['train/step']} | lm {fmt(lm)} | kl {fmt(kl)}", flush=True)
+            line = f"validation at step {record['train/step']} | lm {fmt(lm)} | kl {fmt(kl)}"
+            if "val/answer_acc" in record:
+                line += f" | answer accuracy {record['val/answer_acc']:.3f}"
+            print(line, flush=True)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         if self.wandb_run is not None:

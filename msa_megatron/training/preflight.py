@@ -34,7 +34,7 @@ def check_world_size(cfg: RunConfig) -> None:
 
 def check_backend(cfg: RunConfig) -> None:
     """attention.backend=triton needs a CUDA device (or the Triton interpreter) and Triton itself."""
-    if cfg.attention.type != "msa" or cfg.attention.backend != "triton":
+    if cfg.attention.type not in ("msa", "local") or cfg.attention.backend != "triton":
         return
     import torch
 

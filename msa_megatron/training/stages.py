@@ -2,7 +2,7 @@
 
 MSA-PT and MSA-CPT: dense warmup (full attention, dense KL) for `stage.warmup_tokens`, then
 sparse. `stage.mode=dense` stays in the dense warmup form for the whole run. The dense GQA
-baseline (`attention.type=gqa`) has no stages.
+baseline (`attention.type=gqa`) and the local-only baseline (`attention.type=local`) have no stages.
 """
 
 from __future__ import annotations
@@ -16,5 +16,5 @@ def is_sparse_stage(cfg, consumed_tokens: int) -> bool:
 
 def stage_name(cfg, consumed_tokens: int) -> str:
     if cfg.attention.type != "msa":
-        return "gqa"
+        return cfg.attention.type  # gqa | local
     return "sparse" if is_sparse_stage(cfg, consumed_tokens) else "dense"

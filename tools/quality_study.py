@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Does MSA learn as well as dense attention? A small model, four ways, the same tokens each.
+
+On data=passkey (long documents of Markov-chain filler with key-value pairs stored and asked back
+at distances from a few tokens to the whole document; msa_megatron/data/passkey.py), a small
+model trains the same number of tokens as:
+
+    gqa      dense GQA attention throughout
+    msa_pt   MSA-PT: dense warmup (dense attention + KL) for --pt-warmup of the run, then sparse
+    msa_cpt  MSA-CPT: gqa's checkpoint at --cpt-at of the run, converted with checkpoint.init_from,
+             then dense warmup for --cpt-warmup of the rest, then sparse
+    local    the local-only baseline: the last k blocks (MSA's block budget), no index branch
+
+and is validated every eighth of the run: LM loss overall and by position in the document, answer
+accuracy by distance (val/*), and for MSA the index branch's block and score recall (msa/*).
+
+    python tools/quality_study.py                 # GPU: all arms (~20 min of one H100), then docs/quality.md
+    python tools/quality_study.py --deadline-min 9   # stop (saved) before 9 minutes; rerun to continue
+    python tools/quality_study.py --cpu --results /tmp/q --doc /tmp/q.md   # tiny CPU version (tests)
+
+Resumable: an arm whose result (<results>/<arm>.json: its overrides, the validation records and
+a thinned training curve, a few KB) exists with the same settings is not run again; an arm
+stopped at the deadline resumes from its checkpoint in --work (outputs/quality: runs and
+checkpoints, never in the repository). Each finished arm re-renders --doc and the PNGs; with
+--export (default $OUT) the results, PNGs and page are copied there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+from train_runs import ROOT, environment, launch
+
+import plot_metrics
+
+ARMS = ("gqa", "msa_cpt", "msa_pt", "local")
+LABELS = {"gqa": "dense GQA", "msa_pt": "MSA-PT", "msa_cpt": "MSA-CPT", "local": "local only"}
+
+# ~15M parameters: 4 layers, d 512, 8 query / 2 KV heads of 64, dense FFN 2048; MSA with 64-token
+# blocks, 8 kept (a 512-token budget) on 8K-token sequences of 4K-8K-token documents.
+GPU_STUDY = [
+    "~recipe", "model=tiny", "model.num_layers=4", "model.hidden_size=512", "model.num_attention_heads=8",
+    "model.num_query_groups=2", "model.kv_channels=64", "model.ffn_hidden_size=2048", "model.num_moe_experts=null",
+    "model.vocab_size=512", "model.max_position_embeddings=8192", "model.transformer_impl=local",
+    "attention.block_size=64", "attention.topk_blocks=8", "attention.index_head_dim=64",
+    "data=passkey", "data.seq_length=8192", "data.mock_min_doc=4096", "data.mock_max_doc=8192", "data.passkey_pairs=16",
+    "data.valid_microbatches=16", "parallel=gpu", "train.precision=bf16", "train.micro_batch_size=1",
+    "train.global_batch_size=8", "optim.lr=0.002", "optim.min_lr=0.0002", "optim.lr_warmup_steps=50",
+    "train.log_interval=10", "logging=console",
+]
+CPU_STUDY = [
+    "~recipe", "model=tiny", "model.num_moe_experts=null", "model.vocab_size=512", "attention.block_size=16",
+    "attention.topk_blocks=2", "attention.index_head_dim=16", "data=passkey", "data.seq_length=256",
+    "data.mock_min_doc=128", "data.mock_max_doc=256", "data.passkey_pairs=6", "data.valid_microbatches=2",
+    "parallel=cpu", "train.precision=fp32", "train.micro_batch_size=1", "train.global_batch_size=2",
+    "optim.lr_warmup_steps=1", "train.log_interval=1", "logging=console",
+]
+TRAIN_POINTS = 200  # training records kept per arm (thinned evenly; recall records all kept)
+
+
+def setting(overrides: list[str], key: str) -> str:
+    return next(o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(key + "="))
+
+
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.base = (CPU_STUDY if args.cpu else GPU_STUDY) + args.extra
+        self.steps = args.steps
+        self.cpt_at = max(1, round(self.steps * args.cpt_at))
+        self.tokens_per_step = int(setting(self.base, "train.global_batch_size")) * int(setting(self.base, "data.seq_length"))
+        self.budget = int(setting(self.base, "attention.block_size")) * int(setting(self.base, "attention.topk_blocks"))
+        self.eval_interval = max(1, self.steps // 8)
+        self.started = time.time()
+
+    def run_dir(self, arm: str) -> str:
+        return os.path.join(self.args.work, arm)
+
+    def overrides(self, arm: str) -> list[str]:
+        """The arm's train.py overrides (all but output_dir and the time-limit knobs)."""
+        n, every = self.steps, self.eval_interval
+        common = self.base + [f"train.eval_interval={every}", "checkpoint.keep_last=1", f"checkpoint.save_interval={max(1, n // 4)}"]
+        recall = [f"attention.recall_interval={max(1, n // 16)}"]
+        if arm == "gqa":  # keeps its checkpoint at the conversion point for msa_cpt
+            return common + ["attention=gqa", f"train.steps={n}", "checkpoint.keep_last=0", f"checkpoint.save_interval={self.cpt_at}"]
+        if arm == "local":
+            return common + ["attention=local", f"train.steps={n}"]
+        if arm == "msa_pt":
+            warm = round(n * self.args.pt_warmup) * self.tokens_per_step
+            return common + recall + ["attention=msa", "stage=msa_pt", f"stage.warmup_tokens={warm}", f"train.steps={n}"]
+        rest = n - self.cpt_at
+        warm = round(rest * self.args.cpt_warmup) * self.tokens_per_step
+        source = os.path.join(self.run_dir("gqa"), "checkpoints", f"iter_{self.cpt_at:07d}")
+        return common + recall + ["attention=msa", "stage=msa_cpt", f"stage.warmup_tokens={warm}", f"train.steps={rest}",
+                                  f"checkpoint.save_interval={max(1, rest // 2)}", f"checkpoint.init_from={source}"]
+
+    def remaining_s(self):
+        if self.args.deadline_min is None:
+            return self.args.timeout
+        return min(self.args.timeout, self.args.deadline_min * 60 - (time.time() - self.started))
+
+    def train(self, arm: str, overrides: list[str]) -> dict:
+        left = self.remaining_s()
+        if left < 30:
+            return {"stopped": "no time left before --deadline-min"}
+        gpus = 1
+        return launch(overrides, self.run_dir(arm), gpus=gpus, timeout=left, cpu=self.args.cpu)
+
+    def ensure_conversion_source(self) -> dict:
+        """gqa's checkpoint at the conversion step: run gqa up to there if it is not in --work."""
+        if os.path.isdir(os.path.join(self.run_dir("gqa"), "checkpoints", f"iter_{self.cpt_at:07d}")):
+            return {}
+        print(f"[quality] msa_cpt: training gqa to step {self.cpt_at} first (its checkpoint is the conversion source)", flush=True)
+        run = self.train("gqa", self.overrides("gqa") + [f"train.exit_interval={self.cpt_at}"])
+        if "error" in run or "stopped" in run:
+            return run
+        return {}
+
+    def run_arm(self, arm: str) -> dict:
+        overrides = self.overrides(arm)
+        if arm == "msa_cpt":
+            problem = self.ensure_conversion_source()
+            if problem:
+                return problem
+        print(f"[quality] {arm}: training {setting(overrides, 'train.steps')} steps", flush=True)
+        run = self.train(arm, overrides)
+        if "error" in run or "stopped" in run:
+            return run
+        train = [r for r in run["records"] if "train/lm_loss" in r]
+        valid = [r for r in run["records"] if "val/lm_loss" in r]
+        if not train or train[-1]["train/step"] != int(setting(overrides, "train.steps")):
+            return {"stopped": f"the run ended at step {train[-1]['train/step'] if train else 0}"}
+        return {"arm": arm, "overrides": overrides, "steps": int(setting(overrides, "train.steps")),
+                "step_offset": self.cpt_at if arm == "msa_cpt" else 0, "tokens_per_step": self.tokens_per_step,
+                "budget": self.budget, "wall_s": run["wall_s"], "validation": valid, "train": thin(train)}
+
+
+def thin(train: list[dict]) -> list[dict]:
+    """At most TRAIN_POINTS training records (evenly spread, the last kept), plus every record with
+    recall; only the keys the report uses."""
+    keep = ("train/step", "train/lm_loss", "train/kl_loss", "msa/stage", "msa/block_recall", "msa/score_recall",
+            "train/tokens_per_sec_per_gpu", "train/step_time_s", "mem/max_allocated_gb")
+    stride = max(1, len(train) // TRAIN_POINTS)
+    picked = [r for i, r in enumerate(train) if i % stride == 0 or i == len(train) - 1 or "msa/block_recall" in r]
+    return [{k: r[k] for k in keep if k in r} for r in picked]
+
+
+# ------------------------------------------------------------------------------------ the page
+
+
+def _fmt(v, spec=".3f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def beyond_budget(record: dict, budget: int):
+    """Answer accuracy over the distance buckets that start at or past the block budget."""
+    hits = total = 0
+    for key, acc in record.items():
+        if key.startswith("val/answer_acc/"):
+            lo = int(key.rsplit("/", 1)[1].split("-")[0])
+            count = record.get(key.replace("answer_acc", "answer_count"), 0)
+            if lo >= budget:
+                hits, total = hits + acc * count, total + count
+    return hits / total if total else None
+
+
+def render(results: dict, env: dict, command: str, budget: int, png: str, doc_dir: str) -> str:
+    arms = [a for a in ARMS if a in results]
+    last = {a: results[a]["validation"][-1] if results[a]["validation"] else {} for a in arms}
+    lines = [
+        "# Quality study: MSA vs dense attention on long-range retrieval",
+        "",
+        f"Generated by `{command}` (tools/quality_study.py; the settings of each arm are in "
+        f"`{os.path.basename(os.path.dirname(png))}/<arm>.json`). Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".",
+        "",
+        "Every arm trains the same number of tokens on data=passkey: long documents of Markov-chain filler with "
+        "key-value pairs stored and asked back at log-uniform distances (msa_megatron/data/passkey.py). "
+        f"MSA keeps {budget} tokens per query (k x Bk); `local only` attends the same budget of most recent blocks. "
+        "Answer accuracy: the stored value's tokens are the arg-max prediction after the ASK (teacher forcing).",
+        "",
+        "## Last validation",
+        "",
+        "| arm | tokens | val LM loss | answer accuracy | answers past the budget | answer loss | val KL | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in arms:
+        r, v = results[a], last[a]
+        tokens = (r["steps"] + r["step_offset"]) * r["tokens_per_step"]
+        lines.append(f"| {LABELS[a]} | {tokens / 1e6:.1f}M | {_fmt(v.get('val/lm_loss'), '.4f')} | {_fmt(v.get('val/answer_acc'))} | "
+                     f"{_fmt(beyond_budget(v, budget))} | {_fmt(v.get('val/answer_loss'))} | {_fmt(v.get('val/kl_loss'), '.4f')} | "
+                     f"{r['wall_s']:.0f} |")
+    for title, prefix in (("Answer accuracy by distance (tokens back to the stored value)", "val/answer_acc"),
+                          ("Validation LM loss by position in the document", "val/lm_loss_by_pos")):
+        edges = sorted({e for a in arms for e in plot_metrics.buckets(last[a], prefix)[0]})
+        if not edges:
+            continue
+        lines += ["", f"## {title}", "", "| arm | " + " | ".join(f"{lo}-{hi}" for lo, hi in edges) + " |",
+                  "|---|" + "---|" * len(edges)]
+        for a in arms:
+            got = dict(zip(*plot_metrics.buckets(last[a], prefix)))
+            lines.append(f"| {LABELS[a]} | " + " | ".join(_fmt(got.get(e)) for e in edges) + " |")
+        if prefix == "val/answer_acc":
+            counts = dict(zip(*plot_metrics.buckets(last[arms[0]], "val/answer_count")))
+            lines.append("| answers per bucket | " + " | ".join(str(int(counts.get(e, 0))) for e in edges) + " |")
+    recall_arms = [a for a in arms if any("msa/block_recall" in r for r in results[a]["train"])]
+    if recall_arms:
+        lines += ["", "## Index branch recall (MSA.md diagnostics, sampled queries)", "",
+                  "| arm | block recall, last | score recall, last | block recall, mean over the sparse stage | score recall, mean |",
+                  "|---|---|---|---|---|"]
+        for a in recall_arms:
+            rec = [r for r in results[a]["train"] if "msa/block_recall" in r]
+            sparse = [r for r in rec if r.get("msa/stage") == 1] or rec
+            mean = lambda key: sum(r[key] for r in sparse) / len(sparse)
+            lines.append(f"| {LABELS[a]} | {_fmt(rec[-1]['msa/block_recall'])} | {_fmt(rec[-1]['msa/score_recall'])} | "
+                         f"{_fmt(mean('msa/block_recall'))} | {_fmt(mean('msa/score_recall'))} |")
+    lines += ["", "## What the numbers show", "", *summary_lines(results, last, budget)]
+    lines += ["", f"![validation loss, accuracy by distance, loss by position, recall]({os.path.relpath(png, doc_dir)})"]
+    missing = [a for a in ARMS if a not in results]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (rerun the command to continue)."]
+    return "\n".join(lines) + "\n"
+
+
+def summary_lines(results: dict, last: dict, budget: int) -> list[str]:
+    """Plain comparisons against dense GQA, generated from the table above."""
+    if "gqa" not in last:
+        return ["- dense GQA has not run yet: nothing to compare against."]
+    base = last["gqa"]
+    out = []
+    for a in (x for x in ARMS if x in last and x != "gqa"):
+        v = last[a]
+        loss, base_loss = v.get("val/lm_loss"), base.get("val/lm_loss")
+        acc, base_acc = beyond_budget(v, budget), beyond_budget(base, budget)
+        parts = []
+        if loss is not None and base_loss:
+            parts.append(f"validation LM loss {loss:.4f} vs {base_loss:.4f} ({(loss - base_loss) / base_loss:+.1%})")
+        if acc is not None and base_acc is not None:
+            parts.append(f"answer accuracy past the {budget}-token budget {acc:.3f} vs {base_acc:.3f} ({acc - base_acc:+.3f})")
+        if v.get("val/answer_acc") is not None and base.get("val/answer_acc") is not None:
+            parts.append(f"overall {v['val/answer_acc']:.3f} vs {base['val/answer_acc']:.3f}")
+        verdict = ""
+        if loss is not None and base_loss and acc is not None and base_acc is not None:
+            short = (loss - base_loss) / base_loss > 0.01 or acc < base_acc - 0.05
+            verdict = " Falls short of dense." if short else " Within 1% loss and 0.05 accuracy of dense."
+        out.append(f"- {LABELS[a]} vs dense GQA: " + "; ".join(parts) + "." + verdict)
+    return out
+
+
+def write_outputs(study: Study, results: dict, env: dict, command: str) -> None:
+    args = study.args
+    os.makedirs(args.results, exist_ok=True)
+    png = os.path.join(args.results, "comparison.png")
+    runs = [{"name": LABELS[a], "train": results[a]["train"], "valid": results[a]["validation"],
+             "step_offset": results[a]["step_offset"], "tokens_per_step": results[a]["tokens_per_step"]}
+            for a in ARMS if a in results]
+    if runs:
+        plot_metrics.plot_comparison(runs, png, budget=study.budget, title="quality study: " + ", ".join(r["name"] for r in runs))
+        for a in results:
+            if results[a]["train"]:
+                plot_metrics.plot(results[a]["train"], results[a]["validation"], os.path.join(args.results, f"{a}.png"), LABELS[a])
+    doc_dir = os.path.dirname(os.path.abspath(args.doc))
+    with open(args.doc, "w") as f:
+        f.write(render(results, env, command, study.budget, png, doc_dir))
+    if args.export:
+        shutil.copytree(args.results, os.path.join(args.export, os.path.basename(args.results.rstrip("/"))), dirs_exist_ok=True)
+        shutil.copy(args.doc, args.export)
+
+
+def load_results(directory: str) -> dict:
+    out = {}
+    for arm in ARMS:
+        path = os.path.join(directory, f"{arm}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out[arm] = json.load(f)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--steps", type=int, default=None, help="training steps of a full arm (default 1200; 8 with --cpu)")
+    ap.add_argument("--cpt-at", type=float, default=0.5, help="fraction of the run trained dense before the MSA-CPT conversion")
+    ap.add_argument("--pt-warmup", type=float, default=0.2, help="MSA-PT: fraction of the run in the dense warmup")
+    ap.add_argument("--cpt-warmup", type=float, default=0.2, help="MSA-CPT: fraction of its MSA part in the dense warmup")
+    ap.add_argument("--deadline-min", type=float, default=None, help="stop (with a checkpoint) before this many minutes")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per arm at most")
+    ap.add_argument("--cpu", action="store_true", help="tiny model on CPU: exercise the study in seconds")
+    ap.add_argument("--work", default=None, help="runs and checkpoints (default outputs/quality, outputs/quality_cpu with --cpu)")
+    ap.add_argument("--results", default=None, help="arm results and PNGs (default docs/quality; outputs/quality_cpu/results with --cpu)")
+    ap.add_argument("--doc", default=None, help="the page (default docs/quality.md; outputs/quality_cpu/quality.md with --cpu)")
+    ap.add_argument("--export", default=os.environ.get("OUT"), help="also copy results and page here (default $OUT)")
+    ap.add_argument("--render-only", action="store_true", help="only re-render the page and plots from the results")
+    ap.add_argument("extra", nargs="*", help="more Hydra overrides for every arm (part of each arm's settings)")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (8 if args.cpu else 1200)
+    scratch = os.path.join(ROOT, "outputs", "quality_cpu" if args.cpu else "quality")
+    args.work = args.work or scratch
+    args.results = args.results or (os.path.join(scratch, "results") if args.cpu else os.path.join(ROOT, "docs", "quality"))
+    args.doc = args.doc or (os.path.join(scratch, "quality.md") if args.cpu else os.path.join(ROOT, "docs", "quality.md"))
+    if not 0 < args.cpt_at < 1:
+        print(f"quality_study: --cpt-at={args.cpt_at}: must be in (0, 1)", file=sys.stderr)
+        return 2
+    study = Study(args)
+    env = environment(args.cpu)
+    command = "python tools/quality_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = load_results(args.results)
+    pending = []
+    for arm in args.arms:
+        if arm in results and results[arm]["overrides"] == study.overrides(arm):
+            print(f"[quality] {arm}: done earlier ({args.results}/{arm}.json)", flush=True)
+            continue
+        results.pop(arm, None)  # other settings: run it again
+        pending.append(arm)
+    stopped = None
+    for arm in [] if args.render_only else pending:
+        outcome = study.run_arm(arm)
+        if "error" in outcome:
+            print(f"[quality] {arm} failed: {outcome['error']} (log: {study.run_dir(arm)}/log.txt)", flush=True)
+            stopped = arm
+            continue
+        if "stopped" in outcome:
+            print(f"[quality] {arm} stopped: {outcome['stopped']}; rerun the same command to continue", flush=True)
+            stopped = arm
+            break
+        outcome["environment"] = env
+        with open(os.path.join(args.results, f"{arm}.json") if os.path.isdir(args.results) else _mkdir_file(args.results, arm), "w") as f:
+            json.dump(outcome, f, indent=None, separators=(",", ":"))
+        results[arm] = outcome
+        print(f"[quality] {arm}: done in {outcome['wall_s']:.0f} s", flush=True)
+        write_outputs(study, results, env, command)
+    write_outputs(study, results, env, command)
+    done = all(a in results for a in args.arms)
+    print(f"[quality] {'all arms done' if done else 'not finished'}: {args.doc}", flush=True)
+    return 0 if done else (1 if stopped is None or stopped in results else 3)
+
+
+def _mkdir_file(directory: str, arm: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f"{arm}.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
