@@ -17,6 +17,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the tools import msa_megatron (planner, data constants) from a checkout
+    sys.path.insert(0, ROOT)
 TRAIN = os.path.join(ROOT, "train.py")
 
 
