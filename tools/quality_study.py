@@ -14,20 +14,22 @@ model trains the same number of tokens as:
 and is validated every eighth of the run: LM loss overall and by position in the document, answer
 accuracy by distance (val/*), and for MSA the index branch's block and score recall (msa/*).
 
-    python tools/quality_study.py                 # GPU: all arms (~20 min of one H100), then docs/quality.md
+    python tools/quality_study.py                 # GPU: all arms (~22 min of one H200: gqa 4, MSA-PT 7,
+                                                  # local 5, MSA-CPT 6 incl. gqa to the conversion), then docs/quality.md
     python tools/quality_study.py --deadline-min 9   # stop (saved) before 9 minutes; rerun to continue
     python tools/quality_study.py --cpu --results /tmp/q --doc /tmp/q.md   # tiny CPU version (tests)
 
 Resumable: an arm whose result (<results>/<arm>.json: its overrides, the validation records and
 a thinned training curve, a few KB) exists with the same settings is not run again; an arm
-stopped at the deadline resumes from its checkpoint in --work (outputs/quality: runs and
-checkpoints, never in the repository). Each finished arm re-renders --doc and the PNGs; with
+stopped at the deadline resumes from its checkpoint in --work/<arm>-<digest of its settings>
+(outputs/quality: runs and checkpoints, never in the repository). Each finished arm re-renders --doc and the PNGs; with
 --export (default $OUT) the results, PNGs and page are copied there too.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -83,7 +85,10 @@ class Study:
         self.started = time.time()
 
     def run_dir(self, arm: str) -> str:
-        return os.path.join(self.args.work, arm)
+        """<work>/<arm>-<digest of its settings>: a stopped arm resumes from its own checkpoints, and
+        an arm whose settings changed starts in a new directory (the old run is left as it was)."""
+        digest = hashlib.sha1("\n".join(self.overrides(arm)).encode()).hexdigest()[:10]
+        return os.path.join(self.args.work, f"{arm}-{digest}")
 
     def overrides(self, arm: str) -> list[str]:
         """The arm's train.py overrides (all but output_dir and the time-limit knobs)."""
@@ -307,7 +312,7 @@ def load_results(directory: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    ap.add_argument("--steps", type=int, default=None, help="training steps of a full arm (default 1200; 8 with --cpu)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of a full arm (default 800; 8 with --cpu)")
     ap.add_argument("--cpt-at", type=float, default=0.5, help="fraction of the run trained dense before the MSA-CPT conversion")
     ap.add_argument("--pt-warmup", type=float, default=0.2, help="MSA-PT: fraction of the run in the dense warmup")
     ap.add_argument("--cpt-warmup", type=float, default=0.2, help="MSA-CPT: fraction of its MSA part in the dense warmup")
@@ -321,7 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--render-only", action="store_true", help="only re-render the page and plots from the results")
     ap.add_argument("extra", nargs="*", help="more Hydra overrides for every arm (part of each arm's settings)")
     args = ap.parse_args(argv)
-    args.steps = args.steps or (8 if args.cpu else 1200)
+    args.steps = args.steps or (8 if args.cpu else 800)
     scratch = os.path.join(ROOT, "outputs", "quality_cpu" if args.cpu else "quality")
     args.work = args.work or scratch
     args.results = args.results or (os.path.join(scratch, "results") if args.cpu else os.path.join(ROOT, "docs", "quality"))

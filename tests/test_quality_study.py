@@ -1,0 +1,87 @@
+"""tools/quality_study.py: the four arms on the same tokens (tiny CPU form), resuming, and what the
+page concludes from the numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.paths import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import quality_study  # noqa: E402
+
+TOOL = os.path.join(ROOT, "tools", "quality_study.py")
+
+
+def run_tool(tmp_path, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    paths = ["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "quality.md")]
+    cmd = [sys.executable, TOOL, "--cpu", "--steps", "4", *paths, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_four_arms_train_the_same_tokens_and_the_study_resumes(tmp_path):
+    proc = run_tool(tmp_path, "--export", str(tmp_path / "export"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = {a: json.loads((tmp_path / "results" / f"{a}.json").read_text()) for a in quality_study.ARMS}
+    tokens = {a: (r["steps"] + r["step_offset"]) * r["tokens_per_step"] for a, r in results.items()}
+    assert len(set(tokens.values())) == 1, tokens
+    # MSA-CPT starts from gqa's checkpoint at the conversion step (half the run) and trains the rest
+    cpt = results["msa_cpt"]
+    assert cpt["step_offset"] == 2 and cpt["steps"] == 2
+    source = quality_study.setting(cpt["overrides"], "checkpoint.init_from")
+    assert re.fullmatch(re.escape(str(tmp_path / "work")) + r"/gqa-[0-9a-f]{10}/checkpoints/iter_0000002", source), source
+    # each arm trained in its own attention, and validated with retrieval accuracy by distance
+    assert quality_study.setting(results["local"]["overrides"], "attention") == "local"
+    assert quality_study.setting(results["msa_pt"]["overrides"], "stage") == "msa_pt"
+    for r in results.values():
+        last = r["validation"][-1]
+        assert "val/lm_loss" in last and any(k.startswith("val/answer_acc/") for k in last)
+    assert any("msa/block_recall" in t for t in results["msa_pt"]["train"])  # MSA arms log recall
+    assert not any("msa/block_recall" in t for t in results["gqa"]["train"])
+    page = (tmp_path / "quality.md").read_text()
+    assert all(label in page for label in quality_study.LABELS.values()) and "Not run yet" not in page
+    assert (tmp_path / "results" / "comparison.png").stat().st_size > 0
+    assert (tmp_path / "export" / "quality.md").read_text() == page
+
+    again = run_tool(tmp_path)  # every arm's result exists with the same settings: nothing trains
+    assert again.returncode == 0 and again.stdout.count("done earlier") == 4, again.stdout[-2000:]
+
+    changed = run_tool(tmp_path, "--arms", "local", "--", "optim.lr=0.0005")  # other settings: that arm reruns
+    assert changed.returncode == 0 and "local: training 4 steps" in changed.stdout, changed.stdout[-2000:]
+
+
+def _record(loss, beyond, near=0.9):
+    return {"val/lm_loss": loss, "val/answer_acc": (beyond + near) / 2,
+            "val/answer_acc/0-64": near, "val/answer_count/0-64": 10,
+            "val/answer_acc/512-1024": beyond, "val/answer_count/512-1024": 10}
+
+
+def test_retrieval_is_compared_only_when_dense_learned_it():
+    learned = {"gqa": _record(1.50, 0.80), "msa_pt": _record(1.51, 0.60), "local": _record(1.52, 0.07)}
+    lines = quality_study.summary_lines({}, learned, budget=512)
+    assert not any("not learned" in line for line in lines)
+    msa = next(line for line in lines if line.startswith("- MSA-PT"))
+    assert "0.600 vs 0.800" in msa and "Falls short of dense" in msa  # 0.2 less accuracy past the budget
+
+    # local-only cannot see past the budget: dense no better than it there means nothing was learned
+    guessing = {"gqa": _record(1.50, 0.09), "msa_pt": _record(1.501, 0.10), "local": _record(1.51, 0.18)}
+    lines = quality_study.summary_lines({}, guessing, budget=512)
+    assert "Retrieval was not learned" in lines[0]
+    msa = next(line for line in lines if line.startswith("- MSA-PT"))
+    assert "answer accuracy" not in msa and "Within 1% LM loss of dense" in msa
+    worse = {**guessing, "msa_pt": _record(1.60, 0.10)}
+    assert "Falls short of dense" in next(x for x in quality_study.summary_lines({}, worse, 512) if x.startswith("- MSA-PT"))
+
+
+def test_a_bad_conversion_point_is_one_line(tmp_path):
+    proc = run_tool(tmp_path, "--cpt-at", "1.5")
+    assert proc.returncode == 2 and proc.stderr.strip() == "quality_study: --cpt-at=1.5: must be in (0, 1)"
