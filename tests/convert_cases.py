@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 
-from tests.paths import ROOT
+from tests.paths import ROOT, readme_section_commands
 
 VOCAB = 300
 SEQ_LENGTHS = (19, 40, 7)  # documents of one packed batch
@@ -125,13 +124,8 @@ def assert_logits_close(ours, theirs, atol=1e-4):
 
 def readme_commands(keyword: str) -> list:
     """The commands of the README's converter sections (tools/convert.py) that contain keyword."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    section = text.split("### From Hugging Face, DeepSpeed ZeRO and Megatron-LM checkpoints", 1)[1].split("\n## ", 1)[0]
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
-        lines = block.replace("\\\n", " ").splitlines()
-        commands += [" ".join(line.split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    return [c for c in commands if keyword in c]
+    section = "### From Hugging Face, DeepSpeed ZeRO and Megatron-LM checkpoints"
+    return [c for c in readme_section_commands(section) if keyword in c]
 
 
 def source_checkpoints(tmp_path_factory):

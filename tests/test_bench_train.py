@@ -9,12 +9,13 @@ import sys
 
 import pytest
 
-from tests.paths import ROOT
+from tests.paths import ROOT, readme_tool_args
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import bench_train  # noqa: E402
 
 TOOL = os.path.join(ROOT, "tools", "bench_train.py")
+README = "## Is it worth it? Training speed and quality"  # the section whose command the tests run
 
 
 def run_tool(*args):
@@ -25,7 +26,7 @@ def run_tool(*args):
 
 @pytest.mark.slow
 def test_cpu_run_reports_speed_ratios_and_the_time_split(tmp_path):
-    proc = run_tool("--cpu", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export"))
+    proc = run_tool(*readme_tool_args(README, "tools/bench_train.py"), "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "bench_train.json").read_text())
     assert (tmp_path / "export" / "bench_train.json").read_text() == (tmp_path / "out" / "bench_train.json").read_text()

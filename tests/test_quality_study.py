@@ -11,19 +11,20 @@ import sys
 
 import pytest
 
-from tests.paths import ROOT
+from tests.paths import ROOT, readme_tool_args
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import quality_study  # noqa: E402
 
 TOOL = os.path.join(ROOT, "tools", "quality_study.py")
+README = "## Is it worth it? Training speed and quality"  # the section whose command the tests run
 
 
 def run_tool(tmp_path, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
     paths = ["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "quality.md")]
-    cmd = [sys.executable, TOOL, "--cpu", "--steps", "4", *paths, *args]
+    cmd = [sys.executable, TOOL, *readme_tool_args(README, "tools/quality_study.py"), "--steps", "4", *paths, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 
-from train_runs import ROOT, compose, environment, launch, ratio, read_records, step_summary
+from train_runs import ROOT, compose, environment, launch, ratio, read_records, report_header, step_summary
 
 TIMED_ENTRY = os.path.join(ROOT, "tools", "train_timing.py")
 
@@ -183,11 +183,7 @@ def _fmt(value, spec, none="n/a"):
 
 
 def markdown(results: list[dict], env: dict, command: str) -> str:
-    lines = [
-        f"`{command}`",
-        "",
-        "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
-        "",
+    lines = report_header(command, env) + [
         "| layout | context | attention | tokens/s/GPU | vs gqa | TFLOP/s/GPU | MFU | peak GiB (vs gqa) | reserved GiB | step ms "
         "| attention core ms (fwd / bwd) | other attention ms | MLP/MoE ms | rest ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-from train_runs import ROOT, compose, environment, launch, ratio, step_summary
+from train_runs import ROOT, compose, environment, launch, ratio, report_header, step_summary
 
 sys.path.insert(0, ROOT)
 
@@ -111,11 +111,7 @@ def measure(args, name: str, overrides: list[str], out_dir: str) -> dict:
 
 
 def markdown(results: list[dict], env: dict, command: str) -> str:
-    lines = [
-        f"`{command}`",
-        "",
-        "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
-        "",
+    lines = report_header(command, env) + [
         "| layout | variant | stage | peak GiB measured | planned | ratio | step s measured | planned (MFU) | ratio | implied MFU | tokens/s | vs gqa |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

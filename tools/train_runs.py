@@ -131,6 +131,11 @@ def environment(cpu: bool) -> dict:
     return env
 
 
+def report_header(command: str, env: dict) -> list[str]:
+    """The first lines of a tool's markdown report: the command and the environment it ran in."""
+    return [f"`{command}`", "", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+
+
 def compose(overrides: list[str]):
     """The RunConfig train.py would run for these overrides (validated, without a world size)."""
     from hydra import compose as hydra_compose

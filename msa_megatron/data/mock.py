@@ -73,21 +73,7 @@ def document_batches(
         n += 1
 
 
-def mock_batches(
-    *,
-    vocab_size: int,
-    seq_length: int,
-    micro_batch_size: int,
-    min_doc: int,
-    max_doc: int,
-    seed: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    microbatches_per_step: int = 1,
-    start: int = 0,
-) -> Iterator[PackedBatch]:
-    """Endless micro-batches of one data-parallel rank, from its local micro-batch `start` on."""
-    return document_batches(
-        MockDocuments(vocab_size, min_doc, max_doc, seed), seq_length=seq_length, micro_batch_size=micro_batch_size,
-        seed=seed, dp_rank=dp_rank, dp_size=dp_size, microbatches_per_step=microbatches_per_step, start=start,
-    )
+def mock_batches(*, vocab_size: int, min_doc: int, max_doc: int, **stream) -> Iterator[PackedBatch]:
+    """Endless micro-batches of random documents; `stream`: document_batches' keywords (seq_length,
+    micro_batch_size, seed, dp_rank, dp_size, microbatches_per_step, start)."""
+    return document_batches(MockDocuments(vocab_size, min_doc, max_doc, stream["seed"]), **stream)

@@ -129,24 +129,7 @@ class PasskeyDocuments:
         return torch.cat(tokens)[:length], torch.cat(distances)[:length]
 
 
-def passkey_batches(
-    *,
-    vocab_size: int,
-    seq_length: int,
-    micro_batch_size: int,
-    min_doc: int,
-    max_doc: int,
-    pairs: int,
-    digits: int,
-    seed: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    microbatches_per_step: int = 1,
-    start: int = 0,
-) -> Iterator[PackedBatch]:
-    """Endless micro-batches of one data-parallel rank, from its local micro-batch `start` on."""
-    docs = PasskeyDocuments(vocab_size, min_doc, max_doc, pairs, digits)
-    return document_batches(
-        docs, seq_length=seq_length, micro_batch_size=micro_batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
-        microbatches_per_step=microbatches_per_step, start=start,
-    )
+def passkey_batches(*, vocab_size: int, min_doc: int, max_doc: int, pairs: int, digits: int, **stream) -> Iterator[PackedBatch]:
+    """Endless micro-batches of passkey documents; `stream`: document_batches' keywords (seq_length,
+    micro_batch_size, seed, dp_rank, dp_size, microbatches_per_step, start)."""
+    return document_batches(PasskeyDocuments(vocab_size, min_doc, max_doc, pairs, digits), **stream)
