@@ -60,6 +60,19 @@ def test_four_arms_train_the_same_tokens_and_the_study_resumes(tmp_path):
     assert changed.returncode == 0 and "local: training 4 steps" in changed.stdout, changed.stdout[-2000:]
 
 
+@pytest.mark.slow
+def test_parallel_arms_convert_from_the_gqa_run_beside_them(tmp_path):
+    """--parallel: msa_cpt waits for the gqa arm's conversion checkpoint instead of training gqa itself."""
+    proc = run_tool(tmp_path, "--parallel", "2", "--arms", "gqa", "msa_cpt", "--export", "")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "training gqa to step" not in proc.stdout and proc.stdout.count(": done in") == 2, proc.stdout[-2000:]
+    gqa_dirs = list((tmp_path / "work").glob("gqa-*"))
+    assert len(gqa_dirs) == 1 and (gqa_dirs[0] / "checkpoints" / "iter_0000002").is_dir()
+    cpt = json.loads((tmp_path / "results" / "msa_cpt.json").read_text())
+    assert quality_study.setting(cpt["overrides"], "checkpoint.init_from") == str(gqa_dirs[0] / "checkpoints" / "iter_0000002")
+    assert "msa_cpt" in (tmp_path / "quality.md").read_text().replace("MSA-CPT", "msa_cpt")
+
+
 def _record(loss, beyond, near=0.9):
     return {"val/lm_loss": loss, "val/answer_acc": (beyond + near) / 2,
             "val/answer_acc/0-64": near, "val/answer_count/0-64": 10,
@@ -83,6 +96,11 @@ def test_retrieval_is_compared_only_when_dense_learned_it():
     assert "Falls short of dense" in next(x for x in quality_study.summary_lines({}, worse, 512) if x.startswith("- MSA-PT"))
 
 
-def test_a_bad_conversion_point_is_one_line(tmp_path):
+def test_bad_arguments_are_one_line(tmp_path):
     proc = run_tool(tmp_path, "--cpt-at", "1.5")
     assert proc.returncode == 2 and proc.stderr.strip() == "quality_study: --cpt-at=1.5: must be in (0, 1)"
+    proc = run_tool(tmp_path, "--parallel", "0")
+    assert proc.returncode == 2 and proc.stderr.strip() == "quality_study: --parallel=0: must be at least 1"
+    proc = subprocess.run([sys.executable, TOOL, "--parallel", "9", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and proc.stderr.strip() == "quality_study: --parallel=9: only 0 GPUs visible"

@@ -16,6 +16,7 @@ accuracy by distance (val/*), and for MSA the index branch's block and score rec
 
     python tools/quality_study.py                 # GPU: all arms (~22 min of one H200: gqa 4, MSA-PT 7,
                                                   # local 5, MSA-CPT 6 incl. gqa to the conversion), then docs/quality.md
+    python tools/quality_study.py --parallel 4    # 4 GPUs, an arm on each (~7 min on 4 H200s)
     python tools/quality_study.py --deadline-min 9   # stop (saved) before 9 minutes; rerun to continue
     python tools/quality_study.py --cpu --results /tmp/q --doc /tmp/q.md   # tiny CPU version (tests)
 
@@ -34,7 +35,9 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from train_runs import ROOT, environment, launch
 
@@ -83,6 +86,8 @@ class Study:
         self.budget = int(setting(self.base, "attention.block_size")) * int(setting(self.base, "attention.topk_blocks"))
         self.eval_interval = max(1, self.steps // 8)
         self.started = time.time()
+        self.gqa_running = None  # an Event while this call trains gqa beside msa_cpt (--parallel)
+        self.devices = None  # free GPU ids under --parallel
 
     def run_dir(self, arm: str) -> str:
         """<work>/<arm>-<digest of its settings>: a stopped arm resumes from its own checkpoints, and
@@ -113,31 +118,39 @@ class Study:
             return self.args.timeout
         return min(self.args.timeout, self.args.deadline_min * 60 - (time.time() - self.started))
 
-    def train(self, arm: str, overrides: list[str]) -> dict:
+    def train(self, arm: str, overrides: list[str], device=None) -> dict:
         left = self.remaining_s()
         if left < 30:
             return {"stopped": "no time left before --deadline-min"}
-        gpus = 1
-        return launch(overrides, self.run_dir(arm), gpus=gpus, timeout=left, cpu=self.args.cpu)
+        env = None if device is None or self.args.cpu else {"CUDA_VISIBLE_DEVICES": str(device)}
+        return launch(overrides, self.run_dir(arm), gpus=1, timeout=left, cpu=self.args.cpu, env=env)
 
-    def ensure_conversion_source(self) -> dict:
-        """gqa's checkpoint at the conversion step: run gqa up to there if it is not in --work."""
-        if os.path.isdir(os.path.join(self.run_dir("gqa"), "checkpoints", f"iter_{self.cpt_at:07d}")):
+    def ensure_conversion_source(self, device=None) -> dict:
+        """gqa's checkpoint at the conversion step: wait for it while gqa trains beside this arm
+        (--parallel), else run gqa up to there if it is not in --work."""
+        source = os.path.join(self.run_dir("gqa"), "checkpoints", f"iter_{self.cpt_at:07d}")
+        if self.gqa_running is not None:
+            while not os.path.isdir(source) and not self.gqa_running.wait(timeout=2):
+                pass
+            if not os.path.isdir(source):
+                return {"stopped": f"gqa ended before its step-{self.cpt_at} checkpoint (the conversion source)"}
+        if os.path.isdir(source):
             return {}
         print(f"[quality] msa_cpt: training gqa to step {self.cpt_at} first (its checkpoint is the conversion source)", flush=True)
-        run = self.train("gqa", self.overrides("gqa") + [f"train.exit_interval={self.cpt_at}"])
+        run = self.train("gqa", self.overrides("gqa") + [f"train.exit_interval={self.cpt_at}"], device)
         if "error" in run or "stopped" in run:
             return run
         return {}
 
-    def run_arm(self, arm: str) -> dict:
+    def run_arm(self, arm: str, device=None) -> dict:
         overrides = self.overrides(arm)
         if arm == "msa_cpt":
-            problem = self.ensure_conversion_source()
+            problem = self.ensure_conversion_source(device)
             if problem:
                 return problem
-        print(f"[quality] {arm}: training {setting(overrides, 'train.steps')} steps", flush=True)
-        run = self.train(arm, overrides)
+        where = "" if device is None or self.args.cpu else f" on GPU {device}"
+        print(f"[quality] {arm}: training {setting(overrides, 'train.steps')} steps{where}", flush=True)
+        run = self.train(arm, overrides, device)
         if "error" in run or "stopped" in run:
             return run
         train = [r for r in run["records"] if "train/lm_loss" in r]
@@ -318,6 +331,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpt-warmup", type=float, default=0.2, help="MSA-CPT: fraction of its MSA part in the dense warmup")
     ap.add_argument("--deadline-min", type=float, default=None, help="stop (with a checkpoint) before this many minutes")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per arm at most")
+    ap.add_argument("--parallel", type=int, default=1, help="arms trained at once, each on its own GPU (GPU i = slot i)")
     ap.add_argument("--cpu", action="store_true", help="tiny model on CPU: exercise the study in seconds")
     ap.add_argument("--work", default=None, help="runs and checkpoints (default outputs/quality, outputs/quality_cpu with --cpu)")
     ap.add_argument("--results", default=None, help="arm results and PNGs (default docs/quality; outputs/quality_cpu/results with --cpu)")
@@ -334,8 +348,17 @@ def main(argv=None) -> int:
     if not 0 < args.cpt_at < 1:
         print(f"quality_study: --cpt-at={args.cpt_at}: must be in (0, 1)", file=sys.stderr)
         return 2
-    study = Study(args)
+    if args.parallel < 1:
+        print(f"quality_study: --parallel={args.parallel}: must be at least 1", file=sys.stderr)
+        return 2
+    if not args.cpu and not args.render_only:
+        import torch
+
+        if args.parallel > torch.cuda.device_count():
+            print(f"quality_study: --parallel={args.parallel}: only {torch.cuda.device_count()} GPUs visible", file=sys.stderr)
+            return 2
     env = environment(args.cpu)
+    study = Study(args)
     command = "python tools/quality_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = load_results(args.results)
     pending = []
@@ -345,27 +368,64 @@ def main(argv=None) -> int:
             continue
         results.pop(arm, None)  # other settings: run it again
         pending.append(arm)
-    stopped = None
-    for arm in [] if args.render_only else pending:
-        outcome = study.run_arm(arm)
-        if "error" in outcome:
-            print(f"[quality] {arm} failed: {outcome['error']} (log: {study.run_dir(arm)}/log.txt)", flush=True)
-            stopped = arm
-            continue
-        if "stopped" in outcome:
-            print(f"[quality] {arm} stopped: {outcome['stopped']}; rerun the same command to continue", flush=True)
-            stopped = arm
-            break
+    stopped = []  # arms that failed or stopped
+    lock = threading.Lock()
+
+    def finish(arm: str, outcome: dict) -> str:
+        """Record an arm's outcome: "done", "error" or "stopped" (time limit)."""
+        if "error" in outcome or "stopped" in outcome:
+            why = f"failed: {outcome['error']} (log: {study.run_dir(arm)}/log.txt)" if "error" in outcome else (
+                f"stopped: {outcome['stopped']}; rerun the same command to continue")
+            print(f"[quality] {arm} {why}", flush=True)
+            stopped.append(arm)
+            return "error" if "error" in outcome else "stopped"
         outcome["environment"], outcome["command"] = env, command
-        with open(os.path.join(args.results, f"{arm}.json") if os.path.isdir(args.results) else _mkdir_file(args.results, arm), "w") as f:
-            json.dump(outcome, f, indent=None, separators=(",", ":"))
-        results[arm] = outcome
-        print(f"[quality] {arm}: done in {outcome['wall_s']:.0f} s", flush=True)
-        write_outputs(study, results, env, command)
+        with lock:
+            with open(_mkdir_file(args.results, arm), "w") as f:
+                json.dump(outcome, f, indent=None, separators=(",", ":"))
+            results[arm] = outcome
+            print(f"[quality] {arm}: done in {outcome['wall_s']:.0f} s", flush=True)
+            write_outputs(study, results, env, command)
+        return "done"
+
+    todo = [] if args.render_only else pending
+    if args.parallel > 1 and len(todo) > 1:
+        run_parallel(study, todo, args.parallel, finish)
+    else:
+        for arm in todo:
+            if finish(arm, study.run_arm(arm)) == "stopped":
+                break  # out of time: the next arms would stop too
     write_outputs(study, results, env, command)
     done = all(a in results for a in args.arms)
     print(f"[quality] {'all arms done' if done else 'not finished'}: {args.doc}", flush=True)
-    return 0 if done else (1 if stopped is None or stopped in results else 3)
+    return 0 if done else (3 if stopped else 1)
+
+
+def run_parallel(study: Study, arms: list, slots: int, finish) -> None:
+    """Train up to `slots` arms at once, each on its own GPU (CUDA_VISIBLE_DEVICES = its slot);
+    msa_cpt goes last and, while gqa trains beside it, waits for gqa's conversion checkpoint
+    instead of training gqa itself."""
+    order = sorted(arms, key=lambda a: a == "msa_cpt")
+    free = list(range(slots))
+    free_lock = threading.Lock()
+    if "gqa" in order and "msa_cpt" in order:
+        study.gqa_running = threading.Event()
+
+    def work(arm):
+        with free_lock:
+            device = free.pop(0)
+        try:
+            finish(arm, study.run_arm(arm, device))
+        except Exception as e:  # noqa: BLE001 - one arm's crash must not hide the others' results
+            finish(arm, {"error": f"{type(e).__name__}: {e}"})
+        finally:
+            if arm == "gqa" and study.gqa_running is not None:
+                study.gqa_running.set()
+            with free_lock:
+                free.append(device)
+
+    with ThreadPoolExecutor(max_workers=slots) as pool:
+        list(pool.map(work, order))
 
 
 def _mkdir_file(directory: str, arm: str) -> str:

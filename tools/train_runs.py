@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def launch(
     overrides: list[str], run_dir: str, *, gpus: int = 1, timeout: float = 600, cpu: bool = False, entry: str = TRAIN,
-    grace: float = 90,
+    grace: float = 90, env: dict | None = None,
 ) -> dict:
     """Run `entry` (train.py or a wrapper with its command line) with `output_dir=run_dir` and the
     overrides; one process, or `gpus` under torchrun. Console output is appended to run_dir/log.txt.
@@ -38,13 +38,13 @@ def launch(
     Returns {"records": metrics.jsonl records, "wall_s"}, with "stopped": why when the run was
     still going at `timeout` seconds: it then got SIGTERM (train.py saves a checkpoint at the next
     step and exits; rerunning resumes) and, after `grace` more seconds, SIGKILL. On a failure:
-    {"error": one line}."""
+    {"error": one line}. `env`: variables to set for this run (e.g. CUDA_VISIBLE_DEVICES)."""
     os.makedirs(run_dir, exist_ok=True)
     launcher = [sys.executable]  # one process: train.py makes its own world of one
     if gpus > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={gpus}", f"--master_port={free_port()}"]
     cmd = launcher + [entry, f"output_dir={run_dir}", *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     if cpu:
         env["OMP_NUM_THREADS"] = "1"
     log_path = os.path.join(run_dir, "log.txt")
