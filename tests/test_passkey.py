@@ -108,6 +108,20 @@ def test_validation_sums_loss_by_position_and_hits_by_distance(world):
     assert rec["val/answer_loss/0-64"] == pytest.approx(float(want[8]), rel=1e-6)
     assert "val/answer_acc/128-256" not in rec
 
+    # bf16 logits tie: a label sharing the maximum with two others gets a third of a hit, not a hit
+    logits[0, 8, [0, 3, 7]] = 9.0  # row 8's label 3 ties with 0 and 7
+    _, _, report = evaluation.validation_loss_func(b, edges, logits.clone())
+    rec = evaluation.reduce_buckets([report], edges, True, torch.device("cpu"))
+    assert rec["val/answer_acc/0-64"] == pytest.approx(1 / 3) and rec["val/answer_acc"] == pytest.approx((1 + 1 / 3) / 3)
+
+
+def test_argmax_credit_shares_ties():
+    logits = torch.tensor([[1.0, 5.0, 5.0, 2.0], [7.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]]).to(torch.bfloat16)
+    labels = torch.tensor([2, 0, 1])
+    credit = evaluation.argmax_credit(logits, labels, None)
+    assert credit.tolist() == [0.5, 1.0, 0.25]
+    assert evaluation.argmax_credit(logits, torch.tensor([3, 1, 0]), None).tolist() == [0.0, 0.0, 0.25]
+
 
 PASSKEY_RUN = [
     "data=passkey", "data.seq_length=256", "data.mock_min_doc=128", "data.mock_max_doc=256", "data.passkey_pairs=6",

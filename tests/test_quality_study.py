@@ -59,6 +59,12 @@ def test_four_arms_train_the_same_tokens_and_the_study_resumes(tmp_path):
     changed = run_tool(tmp_path, "--arms", "local", "--", "optim.lr=0.0005")  # other settings: that arm reruns
     assert changed.returncode == 0 and "local: training 4 steps" in changed.stdout, changed.stdout[-2000:]
 
+    stale = tmp_path / "results" / "gqa.json"  # measured by an older validation: reruns, the others stay
+    stale.write_text(json.dumps({**results["gqa"], "metrics": quality_study.METRICS - 1}))
+    again = run_tool(tmp_path, "--arms", "gqa", "msa_pt")
+    assert again.returncode == 0 and "gqa: training 4 steps" in again.stdout and "msa_pt: done earlier" in again.stdout
+    assert json.loads(stale.read_text())["metrics"] == quality_study.METRICS
+
 
 @pytest.mark.slow
 def test_parallel_arms_convert_from_the_gqa_run_beside_them(tmp_path):

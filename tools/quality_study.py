@@ -69,6 +69,7 @@ CPU_STUDY = [
     "parallel=cpu", "train.precision=fp32", "train.micro_batch_size=1", "train.global_batch_size=2",
     "optim.lr_warmup_steps=1", "train.log_interval=1", "logging=console",
 ]
+METRICS = 2  # what validation measures: 2 = arg-max credit shared by ties; results of other versions rerun
 TRAIN_POINTS = 200  # training records kept per arm (thinned evenly; recall records all kept)
 
 
@@ -244,6 +245,9 @@ def render(results: dict, env: dict, command: str, budget: int, png: str, doc_di
             mean = lambda key: sum(r[key] for r in sparse) / len(sparse)
             lines.append(f"| {LABELS[a]} | {_fmt(rec[-1]['msa/block_recall'])} | {_fmt(rec[-1]['msa/score_recall'])} | "
                          f"{_fmt(mean('msa/block_recall'))} | {_fmt(mean('msa/score_recall'))} |")
+    notes = sorted({n for a in arms for n in results[a].get("notes", [])})
+    if notes:
+        lines += ["", "## Notes on these results", "", *(f"- {n}" for n in notes)]
     lines += ["", "## What the numbers show", "", *summary_lines(results, last, budget)]
     lines += ["", f"![validation loss, accuracy by distance, loss by position, recall]({os.path.relpath(png, doc_dir)})"]
     missing = [a for a in ARMS if a not in results]
@@ -362,11 +366,11 @@ def main(argv=None) -> int:
     command = "python tools/quality_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = load_results(args.results)
     pending = []
-    for arm in args.arms:
-        if arm in results and results[arm]["overrides"] == study.overrides(arm):
+    for arm in [] if args.render_only else args.arms:
+        if arm in results and results[arm]["overrides"] == study.overrides(arm) and results[arm].get("metrics") == METRICS:
             print(f"[quality] {arm}: done earlier ({args.results}/{arm}.json)", flush=True)
             continue
-        results.pop(arm, None)  # other settings: run it again
+        results.pop(arm, None)  # other settings or an older validation: run it again
         pending.append(arm)
     stopped = []  # arms that failed or stopped
     lock = threading.Lock()
@@ -379,7 +383,7 @@ def main(argv=None) -> int:
             print(f"[quality] {arm} {why}", flush=True)
             stopped.append(arm)
             return "error" if "error" in outcome else "stopped"
-        outcome["environment"], outcome["command"] = env, command
+        outcome["environment"], outcome["command"], outcome["metrics"] = env, command, METRICS
         with lock:
             with open(_mkdir_file(args.results, arm), "w") as f:
                 json.dump(outcome, f, indent=None, separators=(",", ":"))

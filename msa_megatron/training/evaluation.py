@@ -7,7 +7,7 @@ is the arg-max, and sums both into log2 buckets:
 
 - every token, by its position inside its document: `val/lm_loss_by_pos/<lo>-<hi>`;
 - the answer rows a retrieval data source marks (`PackedBatch.answer_distance`, data=passkey), by
-  how far back the answer was stored: `val/answer_acc/<lo>-<hi>` (label = arg-max),
+  how far back the answer was stored: `val/answer_acc/<lo>-<hi>` (arg-max credit; ties share it),
   `val/answer_loss/<lo>-<hi>`, `val/answer_count/<lo>-<hi>`, and overall `val/answer_acc`,
   `val/answer_loss`.
 
@@ -44,20 +44,25 @@ def _bucket(values: torch.Tensor, edges: list[int]) -> torch.Tensor:
     return torch.bucketize(values, inner, right=True)
 
 
-def label_is_argmax(logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
-    """[..., V/TP] logits of this rank's vocabulary slice -> bool [...]: the label has the largest
-    logit of the whole vocabulary (ties count as hits)."""
+def argmax_credit(logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """[..., V/TP] logits of this rank's vocabulary slice -> float [...]: 1 when the label has the
+    largest logit of the whole vocabulary, 1/m when it shares the maximum with m-1 others (the
+    chance that arg-max picks it), else 0. bf16 logits of a model that spreads its probability over
+    the digits tie often; counting every tie as a hit inflated accuracy far above chance."""
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     width = logits.shape[-1]
     start = (dist.get_rank(tp_group) if tp > 1 else 0) * width
     top = logits.max(dim=-1).values
-    inside = (labels >= start) & (labels < start + width)
-    target = logits.gather(-1, (labels - start).clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
-    target = torch.where(inside, target, torch.zeros_like(target))
     if tp > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
-        dist.all_reduce(target, group=tp_group)
-    return target >= top
+    ties = (logits == top.unsqueeze(-1)).sum(dim=-1).double()
+    inside = (labels >= start) & (labels < start + width)
+    target = logits.gather(-1, (labels - start).clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    at_top = (inside & (target == top)).double()
+    if tp > 1:
+        dist.all_reduce(ties, group=tp_group)
+        dist.all_reduce(at_top, group=tp_group)
+    return at_top / ties
 
 
 def validation_loss_func(batch, edges: list[int], logits: torch.Tensor):
@@ -65,7 +70,7 @@ def validation_loss_func(batch, edges: list[int], logits: torch.Tensor):
     count, and the report {"lm_loss": [sum, count], "buckets": sums (see module doc)}."""
     tp_group = ps.get_tensor_model_parallel_group()
     labels = batch.labels  # [1, T]
-    hits = label_is_argmax(logits, labels, tp_group)  # first: the cross entropy shifts logits in place
+    hits = argmax_credit(logits, labels, tp_group)  # first: the cross entropy shifts logits in place
     losses = tensor_parallel.vocab_parallel_cross_entropy(
         logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous(), tp_group=tp_group
     ).transpose(0, 1)
@@ -80,7 +85,7 @@ def validation_loss_func(batch, edges: list[int], logits: torch.Tensor):
         distance = batch.answer_distance.view(-1)
         answer = (distance >= 0) & (weight > 0)
         where = _bucket(distance[answer], edges)
-        sums[2 * n:3 * n].index_add_(0, where, hits.view(-1)[answer].double())
+        sums[2 * n:3 * n].index_add_(0, where, hits.view(-1)[answer])
         sums[3 * n:4 * n].index_add_(0, where, losses[answer])
         sums[4 * n:5 * n].index_add_(0, where, torch.ones_like(losses[answer]))
     loss_sum, count = (losses * weight).sum(), weight.sum()
