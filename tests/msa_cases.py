@@ -88,3 +88,25 @@ def naive_attention(q, k, v, cu_seqlens, keep, scale):
                 p = torch.softmax(s, 0)
                 o[i, h] = sum(p[t] * v[j, g] for t, j in enumerate(js))
     return o, lse
+
+
+def triton_ops_on_rows(tri, q, k, v, qi, ki, do, cu_seqlens, shape, rows=None) -> dict:
+    """Every Triton op, forward and backward, for the queries `rows` (None: all) as a context-
+    parallel rank computes them: {"sel", "ilse", "sparse"/"dense": {o, lse, dq, dk, dv, kl, dqi, dki}}."""
+    qs, qis, dos = (q, qi, do) if rows is None else (q[rows], qi[rows], do[rows])
+    kw = {} if rows is None else {"qpos": rows}
+    sel, ilse = tri.select_blocks(qis, ki, cu_seqlens, shape, **kw)
+    out = {"sel": sel, "ilse": ilse}
+    for name in ("sparse", "dense"):
+        qg, kg, vg = qs.clone().requires_grad_(True), k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        if name == "sparse":
+            o, lse = tri.sparse_attention(qg, kg, vg, sel, cu_seqlens, shape, **kw)
+        else:
+            o, lse = tri.dense_attention(qg, kg, vg, cu_seqlens, shape, **kw)
+        o.backward(dos)
+        qig, kig = qis.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+        support = (sel, ilse) if name == "sparse" else (None, None)
+        kl = tri.indexer_kl(qs, k, lse, qig, kig, support[1], support[0], cu_seqlens, shape, **kw)
+        kl.backward()
+        out[name] = dict(o=o, lse=lse, dq=qg.grad, dk=kg.grad, dv=vg.grad, kl=kl, dqi=qig.grad, dki=kig.grad)
+    return out

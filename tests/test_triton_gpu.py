@@ -316,6 +316,7 @@ def test_query_subsets_compute_the_rows_of_the_whole_batch(parts):
     """Context parallel on the GPU: a rank's queries (zigzag chunks, edges not block-aligned) give
     the rows of the whole batch; K/V and index-key gradients and KL values sum to the whole."""
     from msa_megatron.ops import triton as tri
+    from tests.msa_cases import triton_ops_on_rows
     from tests.test_reference import _zigzag_rows
 
     dev = _cuda()
@@ -324,25 +325,7 @@ def test_query_subsets_compute_the_rows_of_the_whole_batch(parts):
     shape = shape_for(128, 128, lengths)
     do = torch.randn(q.shape, device=dev, dtype=q.dtype)
 
-    def run(rows):
-        qs, qis, dos = (q, qi, do) if rows is None else (q[rows], qi[rows], do[rows])
-        kw = {} if rows is None else {"qpos": rows}
-        sel, ilse = tri.select_blocks(qis, ki, cu, shape, **kw)
-        out = {"sel": sel, "ilse": ilse}
-        for name in ("sparse", "dense"):
-            qg, kg, vg = qs.clone().requires_grad_(True), k.clone().requires_grad_(True), v.clone().requires_grad_(True)
-            if name == "sparse":
-                o, lse = tri.sparse_attention(qg, kg, vg, sel, cu, shape, **kw)
-            else:
-                o, lse = tri.dense_attention(qg, kg, vg, cu, shape, **kw)
-            o.backward(dos)
-            qig, kig = qis.clone().requires_grad_(True), ki.clone().requires_grad_(True)
-            support = (sel, ilse) if name == "sparse" else (None, None)
-            kl = tri.indexer_kl(qs, k, lse, qig, kig, support[1], support[0], cu, shape, **kw)
-            kl.backward()
-            out[name] = dict(o=o, lse=lse, dq=qg.grad, dk=kg.grad, dv=vg.grad, kl=kl, dqi=qig.grad, dki=kig.grad)
-        return out
-
+    run = lambda rows: triton_ops_on_rows(tri, q, k, v, qi, ki, do, cu, shape, rows)
     full = run(None)
     sums = {name: dict(dk=0.0, dv=0.0, kl=0.0, dki=0.0) for name in ("sparse", "dense")}
     for rank in range(parts):

@@ -231,6 +231,7 @@ else:
         """Twin of the reference's context-parallel test: a rank's queries (qpos, zigzag chunks whose
         edges are not block-aligned) give the rows of the whole batch, and the ranks' KL values and
         index gradients (dense and sparse support) and K/V gradients sum to the whole batch's."""
+        from tests.msa_cases import triton_ops_on_rows
         from tests.test_reference import _zigzag_rows
 
         q, k, v, qi, ki, cu = make(LENGTHS, 4, 2, seed=11)
@@ -238,25 +239,7 @@ else:
         total = q.shape[0]
         do = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(q.dtype)
 
-        def run(rows):
-            """Every op on the queries `rows` (None: all); returns a dict of results."""
-            qs, qis, dos = (q, qi, do) if rows is None else (q[rows], qi[rows], do[rows])
-            kw = {} if rows is None else {"qpos": rows}
-            out = {}
-            sel, ilse = tri.select_blocks(qis, ki, cu, sh, **kw)
-            out.update(sel=sel, ilse=ilse)
-            for name, attend in (("sparse", lambda *a: tri.sparse_attention(*a[:3], sel, *a[3:], **kw)),
-                                 ("dense", lambda *a: tri.dense_attention(*a, **kw))):
-                qg, kg, vg = qs.clone().requires_grad_(True), k.clone().requires_grad_(True), v.clone().requires_grad_(True)
-                o, lse = attend(qg, kg, vg, cu, sh)
-                o.backward(dos)
-                qig, kig = qis.clone().requires_grad_(True), ki.clone().requires_grad_(True)
-                support = (sel, ilse) if name == "sparse" else (None, None)
-                kl = tri.indexer_kl(qs, k, lse, qig, kig, support[1], support[0], cu, sh, **kw)
-                kl.backward()
-                out[name] = dict(o=o, lse=lse, dq=qg.grad, dk=kg.grad, dv=vg.grad, kl=kl, dqi=qig.grad, dki=kig.grad)
-            return out
-
+        run = lambda rows: triton_ops_on_rows(tri, q, k, v, qi, ki, do, cu, sh, rows)
         full = run(None)
         sums = {name: {key: 0.0 for key in ("dk", "dv", "kl", "dki")} for name in ("sparse", "dense")}
         for rank in range(parts):
