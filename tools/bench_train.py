@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 
-from train_runs import ROOT, compose, environment, launch, ratio, read_records, report_header, step_summary
+from train_runs import ROOT, compose, environment, fmt, launch, ratio, read_records, report_header, step_summary
 
 TIMED_ENTRY = os.path.join(ROOT, "tools", "train_timing.py")
 
@@ -178,10 +178,6 @@ def _k(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 else str(n)
 
 
-def _fmt(value, spec, none="n/a"):
-    return none if value is None else format(value, spec)
-
-
 def markdown(results: list[dict], env: dict, command: str) -> str:
     lines = report_header(command, env) + [
         "| layout | context | attention | tokens/s/GPU | vs gqa | TFLOP/s/GPU | MFU | peak GiB (vs gqa) | reserved GiB | step ms "
@@ -201,9 +197,9 @@ def markdown(results: list[dict], env: dict, command: str) -> str:
             f"{share('attention_core_s')} ({t['attention_core_fwd_s'] * 1e3:.1f} / {t['attention_core_bwd_s'] * 1e3:.1f})")
         mem_ratio = f" ({r['memory_vs_gqa']:.2f}x)" if r.get("memory_vs_gqa") else ""
         lines.append(
-            head + f" {_fmt(m['tokens_per_s_per_gpu'], ',.0f')} | {_fmt(r.get('speed_vs_gqa'), '.2f', '')}"
-            f"{'x' if r.get('speed_vs_gqa') else ''} | {_fmt(m['tflops_per_gpu'], '.1f')} | {_fmt(m['mfu'], '.1%')} | "
-            f"{_fmt(m['peak_gib'], '.2f')}{mem_ratio} | {_fmt(m['reserved_gib'], '.2f')} | {m['step_time_s'] * 1e3:.1f} | "
+            head + f" {fmt(m['tokens_per_s_per_gpu'], ',.0f')} | {fmt(r.get('speed_vs_gqa'), '.2f', '')}"
+            f"{'x' if r.get('speed_vs_gqa') else ''} | {fmt(m['tflops_per_gpu'], '.1f')} | {fmt(m['mfu'], '.1%')} | "
+            f"{fmt(m['peak_gib'], '.2f')}{mem_ratio} | {fmt(m['reserved_gib'], '.2f')} | {m['step_time_s'] * 1e3:.1f} | "
             f"{core} | {share('attention_other_s')} | {share('mlp_s')} | {share('rest_s')} |"
         )
     lines += [

@@ -25,8 +25,6 @@ import sys
 
 from train_runs import ROOT, compose, environment, launch, ratio, report_header, step_summary
 
-sys.path.insert(0, ROOT)
-
 GPU_PROXY = [
     "~recipe", "model=msa109b", "model.num_layers=4", "model.moe_layer_freq=[0,1,1,1]", "model.num_moe_experts=16",
     "parallel=gpu", "train.precision=bf16", "data=mock", "data.mock_min_doc=4096", "data.mock_max_doc=32768",

@@ -23,8 +23,8 @@ accuracy by distance (val/*), and for MSA the index branch's block and score rec
 Resumable: an arm whose result (<results>/<arm>.json: its overrides, the validation records and
 a thinned training curve, a few KB) exists with the same settings is not run again; an arm
 stopped at the deadline resumes from its checkpoint in --work/<arm>-<digest of its settings>
-(outputs/quality: runs and checkpoints, never in the repository). Each finished arm re-renders --doc and the PNGs; with
---export (default $OUT) the results, PNGs and page are copied there too.
+(outputs/quality: runs and checkpoints, never in the repository). Each finished arm re-renders
+--doc and the PNGs; with --export (default $OUT) the results, PNGs and page are copied there too.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from train_runs import ROOT, environment, launch
+from train_runs import ROOT, environment, fmt, launch
 
 import plot_metrics
 from msa_megatron.data.passkey import NUM_DIGITS
@@ -88,7 +88,6 @@ class Study:
         self.eval_interval = max(1, self.steps // 8)
         self.started = time.time()
         self.gqa_running = None  # an Event while this call trains gqa beside msa_cpt (--parallel)
-        self.devices = None  # free GPU ids under --parallel
 
     def run_dir(self, arm: str) -> str:
         """<work>/<arm>-<digest of its settings>: a stopped arm resumes from its own checkpoints, and
@@ -110,9 +109,13 @@ class Study:
             return common + recall + ["attention=msa", "stage=msa_pt", f"stage.warmup_tokens={warm}", f"train.steps={n}"]
         rest = n - self.cpt_at
         warm = round(rest * self.args.cpt_warmup) * self.tokens_per_step
-        source = os.path.join(self.run_dir("gqa"), "checkpoints", f"iter_{self.cpt_at:07d}")
         return common + recall + ["attention=msa", "stage=msa_cpt", f"stage.warmup_tokens={warm}", f"train.steps={rest}",
-                                  f"checkpoint.save_interval={max(1, rest // 2)}", f"checkpoint.init_from={source}"]
+                                  f"checkpoint.save_interval={max(1, rest // 2)}",
+                                  f"checkpoint.init_from={self.conversion_source()}"]
+
+    def conversion_source(self) -> str:
+        """gqa's checkpoint at the conversion step: where msa_cpt starts from."""
+        return os.path.join(self.run_dir("gqa"), "checkpoints", f"iter_{self.cpt_at:07d}")
 
     def remaining_s(self):
         if self.args.deadline_min is None:
@@ -129,7 +132,7 @@ class Study:
     def ensure_conversion_source(self, device=None) -> dict:
         """gqa's checkpoint at the conversion step: wait for it while gqa trains beside this arm
         (--parallel), else run gqa up to there if it is not in --work."""
-        source = os.path.join(self.run_dir("gqa"), "checkpoints", f"iter_{self.cpt_at:07d}")
+        source = self.conversion_source()
         if self.gqa_running is not None:
             while not os.path.isdir(source) and not self.gqa_running.wait(timeout=2):
                 pass
@@ -176,10 +179,6 @@ def thin(train: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------ the page
 
 
-def _fmt(v, spec=".3f"):
-    return "n/a" if v is None else format(v, spec)
-
-
 def beyond_budget(record: dict, budget: int):
     """Answer accuracy over the distance buckets that start at or past the block budget."""
     hits = total = 0
@@ -217,8 +216,8 @@ def render(results: dict, env: dict, command: str, budget: int, png: str, doc_di
     for a in arms:
         r, v = results[a], last[a]
         tokens = (r["steps"] + r["step_offset"]) * r["tokens_per_step"]
-        lines.append(f"| {LABELS[a]} | {tokens / 1e6:.1f}M | {_fmt(v.get('val/lm_loss'), '.4f')} | {_fmt(v.get('val/answer_acc'))} | "
-                     f"{_fmt(beyond_budget(v, budget))} | {_fmt(v.get('val/answer_loss'))} | {_fmt(v.get('val/kl_loss'), '.4f')} | "
+        lines.append(f"| {LABELS[a]} | {tokens / 1e6:.1f}M | {fmt(v.get('val/lm_loss'), '.4f')} | {fmt(v.get('val/answer_acc'))} | "
+                     f"{fmt(beyond_budget(v, budget))} | {fmt(v.get('val/answer_loss'))} | {fmt(v.get('val/kl_loss'), '.4f')} | "
                      f"{r['wall_s']:.0f} |")
     for title, prefix in (("Answer accuracy by distance (tokens back to the stored value)", "val/answer_acc"),
                           ("Validation LM loss by position in the document", "val/lm_loss_by_pos")):
@@ -229,7 +228,7 @@ def render(results: dict, env: dict, command: str, budget: int, png: str, doc_di
                   "|---|" + "---|" * len(edges)]
         for a in arms:
             got = dict(zip(*plot_metrics.buckets(last[a], prefix)))
-            lines.append(f"| {LABELS[a]} | " + " | ".join(_fmt(got.get(e)) for e in edges) + " |")
+            lines.append(f"| {LABELS[a]} | " + " | ".join(fmt(got.get(e)) for e in edges) + " |")
         if prefix == "val/answer_acc":
             counts = dict(zip(*plot_metrics.buckets(last[arms[0]], "val/answer_count")))
             lines.append("| answers per bucket | " + " | ".join(str(int(counts.get(e, 0))) for e in edges) + " |")
@@ -243,8 +242,8 @@ def render(results: dict, env: dict, command: str, budget: int, png: str, doc_di
             rec = [r for r in results[a]["train"] if "msa/block_recall" in r]
             sparse = [r for r in rec if r.get("msa/stage") == 1] or rec
             mean = lambda key: sum(r[key] for r in sparse) / len(sparse)
-            lines.append(f"| {LABELS[a]} | {_fmt(rec[-1]['msa/block_recall'])} | {_fmt(rec[-1]['msa/score_recall'])} | "
-                         f"{_fmt(mean('msa/block_recall'))} | {_fmt(mean('msa/score_recall'))} |")
+            lines.append(f"| {LABELS[a]} | {fmt(rec[-1]['msa/block_recall'])} | {fmt(rec[-1]['msa/score_recall'])} | "
+                         f"{fmt(mean('msa/block_recall'))} | {fmt(mean('msa/score_recall'))} |")
     notes = sorted({n for a in arms for n in results[a].get("notes", [])})
     if notes:
         lines += ["", "## Notes on these results", "", *(f"- {n}" for n in notes)]
@@ -274,8 +273,8 @@ def summary_lines(results: dict, last: dict, budget: int) -> list[str]:
     learned, dense_acc, floor = retrieval_learned(last, budget)
     out = []
     if not learned:
-        out.append(f"- **Retrieval was not learned**: past the {budget}-token budget dense GQA answers {_fmt(dense_acc)} of "
-                   f"the value tokens, not {LEARNED_MARGIN} or more above {_fmt(floor)} (the local-only arm, which cannot "
+        out.append(f"- **Retrieval was not learned**: past the {budget}-token budget dense GQA answers {fmt(dense_acc)} of "
+                   f"the value tokens, not {LEARNED_MARGIN} or more above {fmt(floor)} (the local-only arm, which cannot "
                    f"see that far back, or chance = 1/{NUM_DIGITS}). The accuracy columns then measure noise and guessing, "
                    "not long-range attention, and say nothing about MSA vs dense; only the LM losses compare.")
     for a in (x for x in ARMS if x in last and x != "gqa"):

@@ -131,6 +131,11 @@ def environment(cpu: bool) -> dict:
     return env
 
 
+def fmt(value, spec: str = ".3f", none: str = "n/a") -> str:
+    """A report cell: the value formatted, or `none` when it was not measured."""
+    return none if value is None else format(value, spec)
+
+
 def report_header(command: str, env: dict) -> list[str]:
     """The first lines of a tool's markdown report: the command and the environment it ran in."""
     return [f"`{command}`", "", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
