@@ -109,4 +109,4 @@ def test_bad_arguments_are_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "quality_study: --parallel=0: must be at least 1"
     proc = subprocess.run([sys.executable, TOOL, "--parallel", "9", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 2 and proc.stderr.strip() == "quality_study: --parallel=9: only 0 GPUs visible"
+    assert proc.returncode == 2 and proc.stderr.strip() == "quality_study: --parallel=9: no GPU visible (--cpu runs the tiny study)"
