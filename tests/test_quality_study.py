@@ -95,11 +95,21 @@ def test_retrieval_is_compared_only_when_dense_learned_it():
     # local-only cannot see past the budget: dense no better than it there means nothing was learned
     guessing = {"gqa": _record(1.50, 0.09), "msa_pt": _record(1.501, 0.10), "local": _record(1.51, 0.18)}
     lines = quality_study.summary_lines({}, guessing, budget=512)
-    assert "Retrieval was not learned" in lines[0]
+    assert "did not learn retrieval past the budget" in lines[1]
     msa = next(line for line in lines if line.startswith("- MSA-PT"))
     assert "answer accuracy" not in msa and "Within 1% LM loss of dense" in msa
     worse = {**guessing, "msa_pt": _record(1.60, 0.10)}
     assert "Falls short of dense" in next(x for x in quality_study.summary_lines({}, worse, 512) if x.startswith("- MSA-PT"))
+    better = {**guessing, "local": _record(1.47, 0.18)}  # lower loss is not reported as "within 1%"
+    assert "Lower LM loss than dense by 2.0%" in next(x for x in quality_study.summary_lines({}, better, 512) if x.startswith("- local"))
+
+
+def test_accuracy_within_the_budget_is_reported_for_every_arm():
+    arms = {"gqa": _record(1.5, 0.07, near=0.06), "local": _record(1.5, 0.06, near=0.95)}
+    first = quality_study.summary_lines({}, arms, budget=512)[0]
+    assert "within the budget" in first and "dense GQA 0.060" in first and "local only 0.950" in first
+    # a bucket starting at the budget counts past it, not within
+    assert quality_study.accuracy_over({**arms["gqa"], "val/answer_acc/512-1024": 1.0}, 512, past=False) == 0.06
 
 
 def test_bad_arguments_are_one_line(tmp_path):
