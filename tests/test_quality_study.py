@@ -55,6 +55,8 @@ def test_four_arms_train_the_same_tokens_and_the_study_resumes(tmp_path):
 
     again = run_tool(tmp_path)  # every arm's result exists with the same settings: nothing trains
     assert again.returncode == 0 and again.stdout.count("done earlier") == 4, again.stdout[-2000:]
+    moved = run_tool(tmp_path, "--work", str(tmp_path / "elsewhere"))  # results made with another --work still count
+    assert moved.returncode == 0 and moved.stdout.count("done earlier") == 4, moved.stdout[-2000:]
 
     changed = run_tool(tmp_path, "--arms", "local", "--", "optim.lr=0.0005")  # other settings: that arm reruns
     assert changed.returncode == 0 and "local: training 4 steps" in changed.stdout, changed.stdout[-2000:]
@@ -110,6 +112,15 @@ def test_accuracy_within_the_budget_is_reported_for_every_arm():
     assert "within the budget" in first and "dense GQA 0.060" in first and "local only 0.950" in first
     # a bucket starting at the budget counts past it, not within
     assert quality_study.accuracy_over({**arms["gqa"], "val/answer_acc/512-1024": 1.0}, 512, past=False) == 0.06
+
+
+def test_settings_compare_the_conversion_source_without_the_work_directory():
+    a = ["x=1", "checkpoint.init_from=/tmp/qwb/gqa-d6f793ec23/checkpoints/iter_0000700"]
+    b = ["x=1", "checkpoint.init_from=outputs/quality/gqa-d6f793ec23/checkpoints/iter_0000700/"]
+    assert quality_study.portable(a) == quality_study.portable(b)
+    other_step = ["x=1", "checkpoint.init_from=outputs/quality/gqa-d6f793ec23/checkpoints/iter_0000600"]
+    assert quality_study.portable(a) != quality_study.portable(other_step)
+    assert quality_study.portable(["x=1", "y=2"]) == ["x=1", "y=2"]
 
 
 def test_bad_arguments_are_one_line(tmp_path):

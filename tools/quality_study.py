@@ -14,9 +14,8 @@ model trains the same number of tokens as:
 and is validated every eighth of the run: LM loss overall and by position in the document, answer
 accuracy by distance (val/*), and for MSA the index branch's block and score recall (msa/*).
 
-    python tools/quality_study.py                 # GPU: all arms (~22 min of one H200: gqa 4, MSA-PT 7,
-                                                  # local 5, MSA-CPT 6 incl. gqa to the conversion), then docs/quality.md
-    python tools/quality_study.py --parallel 4    # 4 GPUs, an arm on each (~7 min on 4 H200s)
+    python tools/quality_study.py --parallel 4    # GPU: an arm per slot (6 min on 2 H200s, two arms on each), then docs/quality.md
+    python tools/quality_study.py                 # one arm after another
     python tools/quality_study.py --deadline-min 9   # stop (saved) before 9 minutes; rerun to continue
     python tools/quality_study.py --cpu --results /tmp/q --doc /tmp/q.md   # tiny CPU version (tests)
 
@@ -50,10 +49,11 @@ LEARNED_MARGIN = 0.1  # dense must beat the local-only arm (or chance) past the 
 ARMS = ("gqa", "msa_cpt", "msa_pt", "local")
 LABELS = {"gqa": "dense GQA", "msa_pt": "MSA-PT", "msa_cpt": "MSA-CPT", "local": "local only"}
 
-# ~15M parameters: 4 layers, d 512, 8 query / 2 KV heads of 64, dense FFN 2048; MSA with 32-token
-# blocks, 4 kept: a 128-token budget, 1/64 of the 8K sequence like the 109B's 16 x 128 of 128K.
-# The passkey setting is one dense GQA was seen to learn in ~1200 steps (a probe of four on H200,
-# docs/quality.md): one value digit, 64 pairs per 2K-8K-token document; 8 sequences per
+# ~15M parameters: 4 layers, d 512, 8 query / 2 KV heads of 64 with QK-norm (as MiniMax-M3; without
+# it the dense arms' loss jumped from 1.74 to 6.7 after the LR warm-up, with it to 2.4), dense FFN 2048. MSA with
+# 32-token blocks, 4 kept: a 128-token budget, 1/64 of the 8K sequence like the 109B's 16 x 128 of
+# 128K. Passkey: one value digit, 64 pairs per 2K-8K-token document (denser than the data=passkey
+# default: with 16 pairs of 4 digits no arm learned anything in 52M tokens); 8 sequences per
 # micro-batch (a 15M model is launch-bound at one).
 GPU_STUDY = [
     "~recipe", "model=tiny", "model.num_layers=4", "model.hidden_size=512", "model.num_attention_heads=8",
@@ -63,7 +63,7 @@ GPU_STUDY = [
     "data=passkey", "data.seq_length=8192", "data.mock_min_doc=2048", "data.mock_max_doc=8192", "data.passkey_pairs=64",
     "data.passkey_digits=1", "data.valid_microbatches=2", "parallel=gpu", "train.precision=bf16",
     "train.micro_batch_size=8", "train.global_batch_size=8", "optim.lr=0.002", "optim.min_lr=0.0002",
-    "optim.lr_warmup_steps=50", "train.log_interval=10", "logging=console",
+    "optim.lr_warmup_steps=50", "train.log_interval=10", "logging=console", "model.qk_layernorm=true",
 ]
 CPU_STUDY = [
     "~recipe", "model=tiny", "model.num_moe_experts=null", "model.vocab_size=512", "attention.block_size=16",
@@ -167,6 +167,17 @@ class Study:
         return {"arm": arm, "overrides": overrides, "steps": int(setting(overrides, "train.steps")),
                 "step_offset": self.cpt_at if arm == "msa_cpt" else 0, "tokens_per_step": self.tokens_per_step,
                 "budget": self.budget, "wall_s": run["wall_s"], "validation": valid, "train": thin(train)}
+
+
+def portable(overrides: list[str]) -> list[str]:
+    """The settings without where --work was: msa_cpt's conversion source is compared as
+    <gqa run>/checkpoints/<iteration>, so results made on another machine still count."""
+    out = []
+    for o in overrides:
+        if o.startswith("checkpoint.init_from="):
+            o = "checkpoint.init_from=" + "/".join(o.split("=", 1)[1].rstrip("/").split("/")[-3:])
+        out.append(o)
+    return out
 
 
 def thin(train: list[dict]) -> list[dict]:
@@ -340,7 +351,7 @@ def load_results(directory: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    ap.add_argument("--steps", type=int, default=None, help="training steps of a full arm (default 1200; 8 with --cpu)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of a full arm (default 1400; 8 with --cpu)")
     ap.add_argument("--cpt-at", type=float, default=0.5, help="fraction of the run trained dense before the MSA-CPT conversion")
     ap.add_argument("--pt-warmup", type=float, default=0.2, help="MSA-PT: fraction of the run in the dense warmup")
     ap.add_argument("--cpt-warmup", type=float, default=0.2, help="MSA-CPT: fraction of its MSA part in the dense warmup")
@@ -355,7 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--render-only", action="store_true", help="only re-render the page and plots from the results")
     ap.add_argument("extra", nargs="*", help="more Hydra overrides for every arm (part of each arm's settings)")
     args = ap.parse_args(argv)
-    args.steps = args.steps or (8 if args.cpu else 1200)
+    args.steps = args.steps or (8 if args.cpu else 1400)
     scratch = os.path.join(ROOT, "outputs", "quality_cpu" if args.cpu else "quality")
     args.work = args.work or scratch
     args.results = args.results or (os.path.join(scratch, "results") if args.cpu else os.path.join(ROOT, "docs", "quality"))
@@ -382,7 +393,7 @@ def main(argv=None) -> int:
     results = load_results(args.results)
     pending = []
     for arm in [] if args.render_only else args.arms:
-        if arm in results and results[arm]["overrides"] == study.overrides(arm) and results[arm].get("metrics") == METRICS:
+        if arm in results and portable(results[arm]["overrides"]) == portable(study.overrides(arm)) and results[arm].get("metrics") == METRICS:
             print(f"[quality] {arm}: done earlier ({args.results}/{arm}.json)", flush=True)
             continue
         results.pop(arm, None)  # other settings or an older validation: run it again
