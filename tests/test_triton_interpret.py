@@ -272,12 +272,14 @@ else:
             o_r, lse_r = ref.sparse_attention(q.double()[rows], k.double(), v.double(), sel, cu, BK, qpos=rows)
             assert rel(o, o_r) < 1e-2 and rel(lse, lse_r) < 1e-5
 
-    @pytest.mark.parametrize("query_rows,block,rows", [(True, 16, 16), (False, 32, 16)])
-    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, monkeypatch):
+    @pytest.mark.parametrize("query_rows,block,rows,split", [(True, 16, 16, 1), (False, 32, 16, 1), (True, 16, 16, 3)])
+    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, split, monkeypatch):
         """The dense KL's launch variants (tile orientation, keys per program, a tiny share budget
-        that forces several query chunks) all compute the reference's value and gradients."""
+        that forces several query chunks, the dqi share sum in block segments) all compute the
+        reference's value and gradients."""
         from msa_megatron.ops.triton import kl as klmod
 
+        monkeypatch.setitem(klmod.CONFIG, "dense_dqi_split", split)
         monkeypatch.setitem(klmod.CONFIG, "dense_query_rows", query_rows)
         monkeypatch.setitem(klmod.CONFIG, "dense_block", block)
         monkeypatch.setitem(klmod.CONFIG, "dense_rows", rows)

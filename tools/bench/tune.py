@@ -89,6 +89,7 @@ def tune(n, tri, report, apply=True, families=("select", "fwd", "bwd", "kl", "de
             dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_stages=3),
             dict(query_rows, dense_block=128, dense_rows=128, dense_warps=8, dense_stages=2),
         ], dense_kl, f["dense_kl"], "dense_kl", check=same_as_default)
+        variants(klmod.CONFIG, {"dense_dqi_split": [1, 4, 8, 16]}, dense_kl, f["dense_kl"], "dqi_split", check=same_as_default)
     report("  breakdown dense KL: " + str(common.profile(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, iscale, 4))))
     report("  chosen: " + json.dumps(chosen_configs()))
     return out

@@ -31,11 +31,13 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 # dense_block = keys per program and dense_rows = queries per step of the dense kernel,
 # dense_query_rows its tile orientation; the dense dqi-share workspace is bounded by dense_ws_mib
 # (bf16 shares unless dense_ws_fp32). Dense values: the fastest of 8 variants at 32K on an H200
-# (docs/kernel_notes.md, round 2), 234 TF/s; every variant spills registers.
+# (docs/kernel_notes.md, round 2), 234 TF/s; every variant spills registers. dense_dqi_split cuts
+# the share sum's block range into that many segments (more programs in flight; their fp32 partial
+# sums are added in a fixed order): 1 is the measured default, larger values not yet timed.
 CONFIG = {
     "kl_rows": 64, "kl_warps": 8, "kl_stages": 3,
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
-    "dense_ws_mib": 2048, "dense_ws_fp32": False,
+    "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_split": 1,
 }
 
 
@@ -311,12 +313,14 @@ def _kl_dense_kernel(
 
 @triton.jit
 def _kl_dense_dqi_kernel(
-    W, DQI, QBLK, q0, q1, grad_scale,
-    stride_wg, stride_wt, stride_wb, stride_dt, stride_dg,
+    W, OUT, QBLK, q0, q1, out_scale, seg,
+    stride_wg, stride_wt, stride_wb, stride_os, stride_ot, stride_og,
     DI: tl.constexpr, DIP: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Pass 3: dqi[i, g] = grad_scale * sum over blocks b <= L(i) of W[g, i - q0, b] (fixed order)."""
+    """Pass 3: OUT[s, i, g] = out_scale * sum of W[g, i - q0, b] over blocks b <= L(i) of segment
+    s = [s * seg, (s + 1) * seg) (fixed order). One segment: OUT is dqi itself (rows from q0)."""
     g = tl.program_id(1)
+    s = tl.program_id(2)
     qrow = q0 + tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = qrow < q1
     offs_i = tl.arange(0, DIP)
@@ -325,9 +329,29 @@ def _kl_dense_dqi_kernel(
     qt = qrow.to(tl.int64)
     acc = tl.zeros([ROWS, DIP], tl.float32)
     w = W + g.to(tl.int64) * stride_wg + (qt - q0)[:, None] * stride_wt + offs_i[None, :]
-    for b in range(0, tl.max(L, 0) + 1):
+    for b in range(s * seg, tl.minimum(tl.max(L, 0) + 1, (s + 1) * seg)):
         acc += tl.load(w + b * stride_wb, mask=(b <= L)[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(DQI + qt[:, None] * stride_dt + g * stride_dg + offs_i[None, :], acc * grad_scale, mask=ok[:, None] & i_ok[None, :])
+    out = OUT + s.to(tl.int64) * stride_os + (qt - q0)[:, None] * stride_ot + g * stride_og + offs_i[None, :]
+    tl.store(out, acc * out_scale, mask=ok[:, None] & i_ok[None, :])
+
+
+def _dense_dqi_sum(w, dqi_rows, qblk, q0, q1, grad_scale, n_blocks, rows=64):
+    """dqi of query rows [q0, q1) from the chunk's shares w: one pass, or CONFIG["dense_dqi_split"]
+    block segments summed into fp32 partials that are then added in segment order."""
+    split = max(1, min(int(CONFIG["dense_dqi_split"]), n_blocks))
+    seg = -(-n_blocks // split)
+    split = -(-n_blocks // seg)
+    groups, di = dqi_rows.shape[1], dqi_rows.shape[2]
+    out = dqi_rows if split == 1 else torch.empty((split, q1 - q0, groups, di), dtype=torch.float32, device=w.device)
+    stride_os = 0 if split == 1 else out.stride(0)
+    stride_ot, stride_og = (out.stride(0), out.stride(1)) if split == 1 else (out.stride(1), out.stride(2))
+    _kl_dense_dqi_kernel[(triton.cdiv(q1 - q0, rows), groups, split)](
+        w, out, qblk, q0, q1, grad_scale, seg,
+        w.stride(0), w.stride(2), w.stride(1), stride_os, stride_ot, stride_og,
+        DI=di, DIP=max(16, next_pow2(di)), ROWS=rows, num_warps=4,
+    )
+    if split > 1:
+        torch.sum(out, dim=0, out=dqi_rows)
 
 
 def _dense_query_chunk(n_q, groups, n_blocks, di, itemsize):
@@ -383,7 +407,6 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
     # consecutive queries' rows contiguously.
     w = new_buffer((groups, n_blocks, chunk, di), ws_dtype, dev)
     order = rows.most_queries_first()
-    dq_rows = 64
     for q0 in range(0, total, chunk):
         q1 = min(q0 + chunk, total)
         with timed("KL dense kernel"):
@@ -399,11 +422,7 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
                 num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"],
             )
         with timed("KL dense dqi sum"):
-            _kl_dense_dqi_kernel[(triton.cdiv(q1 - q0, dq_rows), groups)](
-                w, dqi, qblk, q0, q1, grad_scale,
-                w.stride(0), w.stride(2), w.stride(1), dqi.stride(0), dqi.stride(1),
-                DI=di, DIP=DIP, ROWS=dq_rows, num_warps=4,
-            )
+            _dense_dqi_sum(w, dqi[q0:q1], qblk, q0, q1, grad_scale, n_blocks)
     value = kl_part.sum() / (n_keys * total_groups)
     dki = dki_part.sum(0)[:, :di].reshape(n_keys, 1, di) * grad_scale
     return value, dqi, dki
