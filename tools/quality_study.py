@@ -129,7 +129,7 @@ class Study:
         left = self.remaining_s()
         if left < 30:
             return {"stopped": "no time left before --deadline-min"}
-        env = None if device is None or self.args.cpu else {"CUDA_VISIBLE_DEVICES": str(device % self.args.gpus)}
+        env = None if device is None else {"CUDA_VISIBLE_DEVICES": str(device)}
         return launch(overrides, self.run_dir(arm), gpus=1, timeout=left, cpu=self.args.cpu, env=env)
 
     def ensure_conversion_source(self, device=None) -> dict:
@@ -155,7 +155,7 @@ class Study:
             problem = self.ensure_conversion_source(device)
             if problem:
                 return problem
-        where = "" if device is None or self.args.cpu else f" on GPU {device % self.args.gpus}"
+        where = "" if device is None else f" on GPU {device}"
         print(f"[quality] {arm}: training {setting(overrides, 'train.steps')} steps{where}", flush=True)
         run = self.train(arm, overrides, device)
         if "error" in run or "stopped" in run:
@@ -206,9 +206,6 @@ def accuracy_over(record: dict, budget: int, past: bool = True):
     return hits / total if total else None
 
 
-def beyond_budget(record: dict, budget: int):
-    return accuracy_over(record, budget, past=True)
-
 
 def render(results: dict, env: dict, command: str, budget: int, png: str, doc_dir: str) -> str:
     arms = [a for a in ARMS if a in results]
@@ -236,7 +233,7 @@ def render(results: dict, env: dict, command: str, budget: int, png: str, doc_di
         r, v = results[a], last[a]
         tokens = (r["steps"] + r["step_offset"]) * r["tokens_per_step"]
         lines.append(f"| {LABELS[a]} | {tokens / 1e6:.1f}M | {fmt(v.get('val/lm_loss'), '.4f')} | {fmt(v.get('val/answer_acc'))} | "
-                     f"{fmt(beyond_budget(v, budget))} | {fmt(v.get('val/answer_loss'))} | {fmt(v.get('val/kl_loss'), '.4f')} | "
+                     f"{fmt(accuracy_over(v, budget))} | {fmt(v.get('val/answer_loss'))} | {fmt(v.get('val/kl_loss'), '.4f')} | "
                      f"{r['wall_s']:.0f} |")
     for title, prefix in (("Answer accuracy by distance (tokens back to the stored value)", "val/answer_acc"),
                           ("Validation LM loss by position in the document", "val/lm_loss_by_pos")):
@@ -277,8 +274,8 @@ def render(results: dict, env: dict, command: str, budget: int, png: str, doc_di
 def retrieval_learned(last: dict, budget: int):
     """(learned?, dense's accuracy past the budget, the floor it is compared with). The floor is the
     local-only arm's accuracy past the budget (it cannot see that far back) when it ran, else chance."""
-    dense = beyond_budget(last["gqa"], budget)
-    floor = beyond_budget(last["local"], budget) if "local" in last else None
+    dense = accuracy_over(last["gqa"], budget)
+    floor = accuracy_over(last["local"], budget) if "local" in last else None
     floor = CHANCE if floor is None else max(floor, CHANCE)
     return dense is not None and dense > floor + LEARNED_MARGIN, dense, floor
 
@@ -301,7 +298,7 @@ def summary_lines(results: dict, last: dict, budget: int) -> list[str]:
     for a in (x for x in ARMS if x in last and x != "gqa"):
         v = last[a]
         loss, base_loss = v.get("val/lm_loss"), base.get("val/lm_loss")
-        acc, base_acc = beyond_budget(v, budget), beyond_budget(base, budget)
+        acc, base_acc = accuracy_over(v, budget), accuracy_over(base, budget)
         parts = []
         if loss is not None and base_loss:
             parts.append(f"validation LM loss {loss:.4f} vs {base_loss:.4f} ({(loss - base_loss) / base_loss:+.1%})")
@@ -432,7 +429,7 @@ def main(argv=None) -> int:
 
 
 def run_parallel(study: Study, arms: list, slots: int, finish) -> None:
-    """Train up to `slots` arms at once, each on its own GPU (CUDA_VISIBLE_DEVICES = its slot);
+    """Train up to `slots` arms at once, slot i on GPU i mod the GPU count (none with --cpu);
     msa_cpt goes last and, while gqa trains beside it, waits for gqa's conversion checkpoint
     instead of training gqa itself."""
     order = sorted(arms, key=lambda a: a == "msa_cpt")
@@ -443,16 +440,16 @@ def run_parallel(study: Study, arms: list, slots: int, finish) -> None:
 
     def work(arm):
         with free_lock:
-            device = free.pop(0)
+            slot = free.pop(0)
         try:
-            finish(arm, study.run_arm(arm, device))
+            finish(arm, study.run_arm(arm, None if study.args.cpu else slot % study.args.gpus))
         except Exception as e:  # noqa: BLE001 - one arm's crash must not hide the others' results
             finish(arm, {"error": f"{type(e).__name__}: {e}"})
         finally:
             if arm == "gqa" and study.gqa_running is not None:
                 study.gqa_running.set()
             with free_lock:
-                free.append(device)
+                free.append(slot)
 
     with ThreadPoolExecutor(max_workers=slots) as pool:
         list(pool.map(work, order))

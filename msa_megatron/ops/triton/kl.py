@@ -342,12 +342,11 @@ def _dense_dqi_sum(w, dqi_rows, qblk, q0, q1, grad_scale, n_blocks, rows=64):
     seg = -(-n_blocks // split)
     split = -(-n_blocks // seg)
     groups, di = dqi_rows.shape[1], dqi_rows.shape[2]
-    out = dqi_rows if split == 1 else torch.empty((split, q1 - q0, groups, di), dtype=torch.float32, device=w.device)
-    stride_os = 0 if split == 1 else out.stride(0)
-    stride_ot, stride_og = (out.stride(0), out.stride(1)) if split == 1 else (out.stride(1), out.stride(2))
+    # [segment, query row, group, di]: one segment writes dqi itself
+    out = dqi_rows.unsqueeze(0) if split == 1 else torch.empty((split, q1 - q0, groups, di), dtype=torch.float32, device=w.device)
     _kl_dense_dqi_kernel[(triton.cdiv(q1 - q0, rows), groups, split)](
         w, out, qblk, q0, q1, grad_scale, seg,
-        w.stride(0), w.stride(2), w.stride(1), stride_os, stride_ot, stride_og,
+        w.stride(0), w.stride(2), w.stride(1), out.stride(0), out.stride(1), out.stride(2),
         DI=di, DIP=max(16, next_pow2(di)), ROWS=rows, num_warps=4,
     )
     if split > 1:
