@@ -1,5 +1,5 @@
-"""The README's train.py commands of "Pretrain", "Resume" and "Convert" (its local MSA-CPT), run as
-written on the CPU quickstart corpus; each section in a fresh directory (the commands share run
+"""The README's train.py commands of "Pretrain", "Resume", "Convert" (its local MSA-CPT) and
+"Monitor" (W&B offline, then the plot), run as written on the CPU quickstart corpus; each section in a fresh directory (the commands share run
 names), the commands of a section in order."""
 
 from __future__ import annotations
@@ -18,19 +18,30 @@ SECTIONS = {
     "pretrain": "## Pretrain (MSA-PT)",
     "resume": "## Resume",
     "convert": "## Convert a dense model to MSA (MSA-CPT)",
+    "monitor": "## Monitor",
 }
 
 
 def train_commands(section: str) -> list[list[str]]:
     """The section's `.venv/bin/python train.py` / `.venv/bin/torchrun ... train.py` commands as argv."""
+    return [argv for env, argv in section_commands(section) if any(a.endswith("train.py") for a in argv)]
+
+
+def section_commands(section: str) -> list[tuple[dict, list[str]]]:
+    """The section's `.venv/bin/python` / `.venv/bin/torchrun` commands as (the VAR=value
+    assignments before them, argv), paths inside the checkout made absolute."""
     out = []
     for line in readme_section_commands(SECTIONS[section]):
         argv = shlex.split(line, comments=True)
-        if "train.py" not in argv:
+        env = {}
+        while argv and "=" in argv[0] and not argv[0].startswith("."):
+            key, value = argv.pop(0).split("=", 1)
+            env[key] = value
+        if not argv or argv[0] not in (".venv/bin/python", ".venv/bin/torchrun"):
             continue
         launcher = [sys.executable] if argv[0] == ".venv/bin/python" else [sys.executable, "-m", "torch.distributed.run"]
-        assert argv[0] in (".venv/bin/python", ".venv/bin/torchrun"), line
-        out.append(launcher + [os.path.join(ROOT, a) if a == "train.py" else a for a in argv[1:]])
+        script = lambda a: os.path.join(ROOT, a) if a == "train.py" or a.startswith("tools/") else a
+        out.append((env, launcher + [script(a) for a in argv[1:]]))
     return out
 
 
@@ -107,3 +118,22 @@ def test_convert_commands(tmp_path, corpus_env):
     # converted, not trained from scratch: the first LM loss is the dense model's level, not a fresh init's
     fresh = records(tmp_path, "tiny-gqa-msa_pt")[0]["train/lm_loss"]
     assert steps[0]["train/lm_loss"] < fresh - 0.5
+
+
+@pytest.mark.slow
+def test_monitor_commands(tmp_path, corpus_env):
+    """W&B offline logs the same records as metrics.jsonl; the plot command draws that run."""
+    from tests.wandb_records import history, offline_runs, read_records
+
+    (train_env, train), (plot_env, plot) = section_commands("monitor")
+    assert train_env == {"WANDB_MODE": "offline"} and "logging=wandb" in train and not plot_env
+    env = {**corpus_env, **train_env, "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config")}
+    run_in(tmp_path, train, env)
+    steps = records(tmp_path, "tiny-msa-msa_pt")
+    (run,) = offline_runs(str(tmp_path / "outputs" / "tiny-msa-msa_pt"))
+    logged = [r for r in history(read_records(run)) if "train/lm_loss" in r]
+    assert [r["train/step"] for r in logged] == [r["train/step"] for r in steps] and len(steps) >= 10
+    assert [r["train/lm_loss"] for r in logged] == pytest.approx([r["train/lm_loss"] for r in steps])
+    out = run_in(tmp_path, plot, corpus_env)
+    png = tmp_path / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, out
