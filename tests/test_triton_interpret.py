@@ -272,25 +272,54 @@ else:
             o_r, lse_r = ref.sparse_attention(q.double()[rows], k.double(), v.double(), sel, cu, BK, qpos=rows)
             assert rel(o, o_r) < 1e-2 and rel(lse, lse_r) < 1e-5
 
-    @pytest.mark.parametrize("query_rows,block,rows,split", [(True, 16, 16, 1), (False, 32, 16, 1), (True, 16, 16, 3)])
-    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, split, monkeypatch):
+    @pytest.mark.parametrize("query_rows,block,rows,programs,tma", [
+        (True, 16, 16, 0, False), (False, 32, 16, 0, False), (True, 16, 16, 6, True), (False, 32, 16, 0, True),
+    ])
+    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, programs, tma, monkeypatch):
         """The dense KL's launch variants (tile orientation, keys per program, a tiny share budget
-        that forces several query chunks, the dqi share sum in block segments) all compute the
-        reference's value and gradients."""
+        that forces several query chunks, the dqi share sum in block segments, Q through a TMA
+        descriptor) all compute the reference's value and gradients."""
         from msa_megatron.ops.triton import kl as klmod
 
-        monkeypatch.setitem(klmod.CONFIG, "dense_dqi_split", split)
+        monkeypatch.setitem(klmod.CONFIG, "dense_dqi_programs", programs)
         monkeypatch.setitem(klmod.CONFIG, "dense_query_rows", query_rows)
         monkeypatch.setitem(klmod.CONFIG, "dense_block", block)
         monkeypatch.setitem(klmod.CONFIG, "dense_rows", rows)
+        monkeypatch.setitem(klmod.CONFIG, "dense_tma", tma)
         monkeypatch.setitem(klmod.CONFIG, "dense_ws_mib", 0)
+        if tma:
+            assert klmod._q_descriptor(torch.zeros(8, 4, 16, dtype=torch.bfloat16), rows) is not None
         q, k, v, qi, ki, cu = make(LENGTHS, 4, 2, seed=14)
         sh = shape(16, 16, 3, LENGTHS)
         _, lse = tri.dense_attention(q, k, v, cu, sh)
+        check_kl_against_reference(q, k, lse, qi, ki, None, None, cu, sh, BK)
+
+    @pytest.mark.parametrize("split,query_rows", [(2, True), (2, False), (1, True), (1, False)])
+    def test_sparse_kl_variants_match_the_reference(split, query_rows, monkeypatch):
+        """The sparse KL's launch variants (each block's keys split over programs, whose dqi
+        partials slot_sum adds; either tile orientation) compute the reference's value and
+        gradients, also when a block's queries span several tiles."""
+        from msa_megatron.ops.triton import kl as klmod
+        from msa_megatron.ops.triton import plan as plan_mod
+
+        monkeypatch.setitem(klmod.CONFIG, "kl_split", split)
+        monkeypatch.setitem(klmod.CONFIG, "kl_query_rows", query_rows)
+        monkeypatch.setitem(klmod.CONFIG, "kl_rows", 16)
+        monkeypatch.setattr(plan_mod, "TILE_QUERIES", {"fwd": 128, "bwd": 256, "kl": 20, "ilse": 256})
+        bk, lengths = 32, [1, 31, 32, 33, 90, 150]  # blocks of 32 keys: two slices of 16 (the smallest product)
+        q, k, v, qi, ki, cu = make(lengths, 4, 2, seed=15)
+        sh = MSAShape(bk, 3, 1 / math.sqrt(16), 1 / math.sqrt(16), max(lengths))
+        sel, ilse = tri.select_blocks(qi, ki, cu, sh)
+        assert plan_mod.get_plan(sel, cu, bk, 48).tiles["kl"].seg_tile_count.max().item() > 1
+        _, lse = tri.sparse_attention(q, k, v, sel, cu, sh)
+        check_kl_against_reference(q, k, lse, qi, ki, ilse, sel, cu, sh, bk)
+
+    def check_kl_against_reference(q, k, lse, qi, ki, ilse, sel, cu, sh, bk):
+        """The Triton KL (3 groups in total) and its index gradients == the float64 reference."""
         qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
-        kl = tri.indexer_kl(q, k, lse, qig, kig, None, None, cu, sh, total_groups=3)
+        kl = tri.indexer_kl(q, k, lse, qig, kig, ilse, sel, cu, sh, total_groups=3)
         kl.backward()
-        args = (q.double(), k.double(), qi.double(), ki.double(), cu, None, BK)
+        args = (q.double(), k.double(), qi.double(), ki.double(), cu, sel, bk)
         dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=3)
         assert kl.item() == pytest.approx(ref.indexer_kl(*args, total_groups=3).item(), rel=1e-3)
         assert rel(qig.grad, dqi_r) < 1e-2 and rel(kig.grad, dki_r) < 1e-2

@@ -6,8 +6,9 @@ single-document batch and a packed batch (a few long documents plus many short o
 timing, the ops are compared with the float64 reference at the check size. Prints every issue-11
 target as met / missed by X%.
 
-    python3 tools/bench_kernels.py --autotune 32768 --out $OUT/kernels.json --md $OUT/kernels.md
-                                   # the published run: pick launch configs at 32K, check, time all
+    python3 tools/bench_kernels.py --autotune 32768:select,fwd,bwd,kl,dense_kl --autotune 131072:dqi_sum \
+        --contexts 32768,65536,131072 --out $OUT/kernels.json --md $OUT/kernels.md
+                                   # the published run: pick launch configs, check, time all
     python3 tools/bench_kernels.py --contexts 32768 --tune     # variants + register/spill report
     python3 tools/bench_kernels.py --from-json docs/bench_kernels.json --docs docs/benchmarks.md
                                    # re-render the "Kernels" section of docs/benchmarks.md (no GPU)
@@ -44,9 +45,10 @@ def parse_args():
     ap.add_argument("--recall-queries", type=int, default=1024)
     ap.add_argument("--warmup-only", action="store_true", help="time only the dense warm-up layer and cuDNN dense")
     ap.add_argument("--tune", action="store_true", help="time launch-config variants at the first context")
-    ap.add_argument("--autotune", type=int, default=0,
-                    help="before the benchmark, time variants at this context and keep the fastest")
-    ap.add_argument("--tune-families", default="select,fwd,bwd,kl,dense_kl")
+    ap.add_argument("--autotune", action="append", default=[], metavar="N[:FAMILIES]",
+                    help="before the benchmark, time variants at context N and keep the fastest (FAMILIES: "
+                         "comma-separated, default --tune-families); may repeat, e.g. 32768 131072:dqi_sum")
+    ap.add_argument("--tune-families", default="select,fwd,bwd,kl,dense_kl,dqi_sum")
     return ap.parse_args()
 
 
@@ -87,8 +89,9 @@ def main():
         results["resources"] = kernel_resources(report)
         save()
         return
-    if args.autotune:
-        results["tune"] = tune(args.autotune, tri, report, families=families)
+    for spec in args.autotune:
+        n, _, fams = spec.partition(":")
+        results["tune"] += tune(int(n), tri, report, families=tuple(fams.split(",")) if fams else families)
         torch.cuda.empty_cache()
     results["config"] = chosen_configs()
     if args.check_size:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from tools.bench.baselines import Sdpa, flex_case, naive_select
-from tools.bench.common import BK, TOPK, bench, flops, host_syncs, make_inputs, mixed_lengths, peak_gib, shape_of, slow_reps
+from tools.bench.common import (
+    BK, TOPK, bench, flops, graph_replay_ms, host_syncs, make_inputs, mixed_lengths, peak_gib, shape_of, slow_reps,
+)
 
 
 def run_case(n, kind, args, tri, report):
@@ -46,6 +48,8 @@ def run_case(n, kind, args, tri, report):
     plan = planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0])
     rec("plan (block->queries CSR)", bench(lambda: planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0])),
         host_syncs=host_syncs(lambda: tri.select_blocks(qi, ki, cu, shape)))
+    attempt("plan graph", lambda: rec("plan, CUDA graph replay", graph_replay_ms(
+        lambda: planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0]))))
     rec("index lse (selected support)", bench(lambda: indexer.index_lse(qi, ki, sel, plan, shape.index_scale)))
     rec("select_blocks total", bench(lambda: tri.select_blocks(qi, ki, cu, shape)), f["index"])
     if kind == "single":

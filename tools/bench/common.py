@@ -131,6 +131,25 @@ def peak_gib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+def graph_replay_ms(fn):
+    """bench() of fn captured once in a CUDA graph: its GPU time without the host's launch cost.
+
+    Capture fails on a host sync, so a number here also shows fn needs none.
+    """
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: JIT, allocator
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
 def host_syncs(fn):
     """Number of host synchronisations torch reports during fn (sync debug mode "warn")."""
     import warnings

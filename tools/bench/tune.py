@@ -8,7 +8,10 @@ import json
 from tools.bench.common import BK, TOPK, bench, flops, make_inputs, shape_of
 
 
-def tune(n, tri, report, apply=True, families=("select", "fwd", "bwd", "kl", "dense_kl")):
+FAMILIES = ("select", "fwd", "bwd", "kl", "dense_kl", "dqi_sum")
+
+
+def tune(n, tri, report, apply=True, families=FAMILIES):
     import torch
 
     from msa_megatron.ops.triton import common, dense_attn, indexer, kl as klmod, plan as planmod, sparse_attn
@@ -60,39 +63,53 @@ def tune(n, tri, report, apply=True, families=("select", "fwd", "bwd", "kl", "de
         variants(indexer.CONFIG, {"select_warps": [8], "select_stages": [2, 3]},
                  lambda: indexer.select_topk(qi, ki, cu, BK, TOPK), f["index"], "select")
     if "fwd" in families:
-        variants(sparse_attn.CONFIG, {"fwd_rows": [64], "fwd_warps": [4, 8], "fwd_stages": [1, 2]},
-                 lambda: sparse_attn.sparse_forward(q, k, v, sel, plan, scale), f["fwd"], "fwd")
+        variants(sparse_attn.CONFIG, [
+            dict(fwd_rows=64, fwd_warps=4, fwd_stages=1), dict(fwd_rows=64, fwd_warps=8, fwd_stages=1),
+            dict(fwd_rows=128, fwd_warps=8, fwd_stages=1), dict(fwd_rows=128, fwd_warps=8, fwd_stages=2),
+            dict(fwd_rows=128, fwd_warps=4, fwd_stages=1),
+        ], lambda: sparse_attn.sparse_forward(q, k, v, sel, plan, scale), f["fwd"], "fwd")
     if "bwd" in families:
         variants(sparse_attn.CONFIG, {"bwd_rows": [64], "bwd_warps": [8], "bwd_stages": [2, 3]},
                  lambda: sparse_attn.sparse_backward(do, q, k, v, o, lse, None, sel, plan, scale), f["bwd"], "bwd")
     if "kl" in families:
-        variants(klmod.CONFIG, {"kl_rows": [64], "kl_warps": [8], "kl_stages": [2, 3]},
-                 lambda: klmod.sparse_kl(q, k, lse, qi, ki, ilse, sel, plan, scale, iscale, 4), f["kl"], "kl")
-    if "dense_kl" in families:
-        dense_kl = lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, iscale, 4)
-        want = dense_kl()
-
-        def same_as_default(got):
-            errs = [abs(got[0].item() - want[0].item()) / abs(want[0].item())]
-            errs += [((a - b).norm() / b.norm()).item() for a, b in zip(got[1:], want[1:])]
-            return None if errs[0] < 1e-4 and max(errs[1:]) < 1e-2 else f"errors {errs}"
-
-        keys_rows = dict(dense_query_rows=False)
-        query_rows = dict(dense_query_rows=True)
+        sparse_kl = lambda: klmod.sparse_kl(q, k, lse, qi, ki, ilse, sel, plan, scale, iscale, 4)
+        keys_rows, query_rows = dict(kl_query_rows=False), dict(kl_query_rows=True)
         variants(klmod.CONFIG, [
-            dict(keys_rows, dense_block=128, dense_rows=64, dense_warps=8, dense_stages=3),
-            dict(keys_rows, dense_block=128, dense_rows=64, dense_warps=8, dense_stages=2),
-            dict(keys_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_stages=3),
-            dict(keys_rows, dense_block=64, dense_rows=128, dense_warps=8, dense_stages=3),
-            dict(query_rows, dense_block=128, dense_rows=64, dense_warps=8, dense_stages=3),
-            dict(query_rows, dense_block=128, dense_rows=64, dense_warps=4, dense_stages=3),
-            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_stages=3),
-            dict(query_rows, dense_block=128, dense_rows=128, dense_warps=8, dense_stages=2),
+            dict(query_rows, kl_split=2, kl_rows=64, kl_warps=4, kl_stages=3),
+            dict(keys_rows, kl_split=1, kl_rows=64, kl_warps=8, kl_stages=3),
+            dict(query_rows, kl_split=1, kl_rows=64, kl_warps=8, kl_stages=3),
+            dict(keys_rows, kl_split=2, kl_rows=64, kl_warps=4, kl_stages=3),
+        ], sparse_kl, f["kl"], "kl", check=_same_as(sparse_kl()))
+    if "dense_kl" in families or "dqi_sum" in families:
+        dense_kl = lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, iscale, 4)
+        same_as_default = _same_as(dense_kl())
+    if "dense_kl" in families:
+        query_rows = dict(dense_query_rows=True, dense_stages=3)
+        variants(klmod.CONFIG, [
+            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_tma=True),
+            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_tma=True, dense_stages=2),
+            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_tma=True, dense_stages=4),
+            dict(query_rows, dense_block=32, dense_rows=64, dense_warps=4, dense_tma=True),
+            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_tma=False),
         ], dense_kl, f["dense_kl"], "dense_kl", check=same_as_default)
-        variants(klmod.CONFIG, {"dense_dqi_split": [1, 4, 8, 16]}, dense_kl, f["dense_kl"], "dqi_split", check=same_as_default)
-    report("  breakdown dense KL: " + str(common.profile(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, iscale, 4))))
+    if "dqi_sum" in families:
+        variants(klmod.CONFIG, {"dense_dqi_programs": [0, 1024, 4096, 16384]}, dense_kl, f["dense_kl"], "dqi_sum",
+                 check=same_as_default)
+    if "dense_kl" in families or "dqi_sum" in families:
+        report("  breakdown dense KL: " + str(common.profile(dense_kl)))
     report("  chosen: " + json.dumps(chosen_configs()))
     return out
+
+
+def _same_as(want):
+    """check() for KL variants: value within 1e-4 and gradients within 1e-2 of `want` (relative)."""
+
+    def check(got):
+        errs = [abs(got[0].item() - want[0].item()) / abs(want[0].item())]
+        errs += [((a - b).norm() / b.norm()).item() for a, b in zip(got[1:], want[1:])]
+        return None if errs[0] < 1e-4 and max(errs[1:]) < 1e-2 else f"errors {errs}"
+
+    return check
 
 
 def chosen_configs():

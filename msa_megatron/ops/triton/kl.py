@@ -27,17 +27,18 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index scores only)
 
-# Launch knobs (H200, Hq 64 / Hkv 4 / d 128). kl_rows = queries per step of the sparse kernel;
-# dense_block = keys per program and dense_rows = queries per step of the dense kernel,
-# dense_query_rows its tile orientation; the dense dqi-share workspace is bounded by dense_ws_mib
-# (bf16 shares unless dense_ws_fp32). Dense values: the fastest of 8 variants at 32K on an H200
-# (docs/kernel_notes.md, round 2), 234 TF/s; every variant spills registers. dense_dqi_split cuts
-# the share sum's block range into that many segments (more programs in flight; their fp32 partial
-# sums are added in a fixed order): 1 is the measured default, larger values not yet timed.
+# Launch knobs (H200, Hq 64 / Hkv 4 / d 128). Both KL kernels run the same step (_kl_step):
+# *_rows = queries per step, *_query_rows its tile orientation, *_warps / *_stages as usual.
+# Sparse: kl_split cuts each 128-key block into that many key slices, one program each (fewer
+# registers; each slice writes its own dqi partial). Dense: dense_block = keys per program,
+# dense_tma loads Q tiles with the tensor-memory accelerator (a host-side descriptor; rows of the
+# dense pass are contiguous), the dqi-share workspace is bounded by dense_ws_mib (bf16 shares unless
+# dense_ws_fp32), and the share sum runs in block segments so that each launch has about
+# dense_dqi_programs programs (0: one segment; fp32 partials added in a fixed order).
 CONFIG = {
-    "kl_rows": 64, "kl_warps": 8, "kl_stages": 3,
+    "kl_rows": 64, "kl_warps": 4, "kl_stages": 3, "kl_split": 2, "kl_query_rows": True,
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
-    "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_split": 1,
+    "dense_tma": True, "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024,
 }
 
 
@@ -50,30 +51,31 @@ def _kl_sparse_kernel(
     tiles, entry_tok, entry_slot, row_key_start, row_key_end,
     tile0, q0,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
-    stride_lt, stride_ig, stride_ps, stride_pt, stride_pg,
+    stride_lt, stride_ig, stride_ps, stride_pt, stride_pg, stride_px,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_QPOS: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
 ):
-    """One plan tile: a KV block of group g and BLOCK_M of its queries per step, keys as rows.
+    """One plan tile's key slice x (program_id 1 of SPLIT slices of BLOCK_N keys): BLOCK_M of the
+    tile's queries per step, each step the same teacher/student/ds step as the dense pass.
 
-    The teacher sums the r heads' probabilities one head at a time (keeps the tile [keys, queries]
-    so the student product, dki and dqi use the same layout). A run-2 variant that packed
-    (query, head) rows like the attention and averaged heads with an extra product was slower.
+    dki of the slice accumulates in registers and goes to the tile's workspace rows; each (query,
+    slot)'s dqi share of the slice goes to its partial (one per slice, summed by slot_sum).
     """
     t_local = tl.program_id(0)
+    x = tl.program_id(1)
     t = tile0 + t_local
     g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_i = tl.arange(0, DIP)
-    d_ok = offs_d < HEAD_DIM
     i_ok = offs_i < DI
-    key_tok = key_start + offs_n
+    key_tok = key_start + x * BLOCK_N + offs_n
     key_ok = key_tok < key_end
     kt = key_tok.to(tl.int64)
-    k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=key_ok[:, None] & i_ok[None, :], other=0.0)
     dki = tl.zeros([BLOCK_N, DIP], tl.float32)
     kl = tl.zeros([BLOCK_M], tl.float32)
@@ -83,30 +85,19 @@ def _kl_sparse_kernel(
         ok = s0 + offs_m < cnt
         tok = tl.load(entry_tok + e0 + s0 + offs_m, mask=ok, other=0)
         slot = tl.load(entry_slot + e0 + s0 + offs_m, mask=ok, other=0)
-        qt = tok.to(tl.int64)
-        qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0)
-        ilse = tl.load(ILSE + g.to(tl.int64) * stride_ig + qt, mask=ok, other=0.0) * 1.4426950408889634
-        visible = (key_tok[:, None] <= key_pos(QPOS, tok, ok, HAS_QPOS)[None, :]) & key_ok[:, None] & ok[None, :]
-        s_idx = tl.dot(ki, tl.trans(qi)) * iqk_scale - ilse[None, :]  # log2 P_idx, [N, M]
-        p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
-        p_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for h in range(R):
-            head = g * R + h
-            qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
-            s = tl.dot(k, tl.trans(qh)) * qk_scale - lse[None, :]
-            p_t += tl.where(visible, tl.exp2(s), 0.0)
-        p_t = p_t * (1.0 / R)
-        # KL terms in log2 units: P_T (log2 P_T - log2 P_idx); P_T = 0 contributes nothing.
-        kl += tl.sum(tl.where(visible & (p_t > 0), p_t * (tl.log2(p_t) - s_idx), 0.0), 0)
-        ds = (p_idx - p_t).to(qi.dtype)
-        dki += tl.dot(ds, qi)
-        dqi = tl.dot(tl.trans(ds), ki)
-        part = slot.to(tl.int64) * stride_ps + (qt - q0) * stride_pt + g * stride_pg
+        pos = key_pos(QPOS, tok, ok, HAS_QPOS)
+        dki_share, dqi, kl_share = _kl_step(
+            Q, Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, tok, 0, ok, pos, g,
+            stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig, qk_scale, iqk_scale,
+            HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, False,
+        )
+        dki += dki_share
+        kl += kl_share
+        part = x.to(tl.int64) * stride_px + slot.to(tl.int64) * stride_ps + (tok.to(tl.int64) - q0) * stride_pt + g * stride_pg
         tl.store(DQI_part + part[:, None] + offs_i[None, :], dqi, mask=ok[:, None] & i_ok[None, :])
-    ws = t_local.to(tl.int64) * BLOCK_N * DIP + offs_n[:, None] * DIP + offs_i[None, :]
+    ws = t_local.to(tl.int64) * (SPLIT * BLOCK_N * DIP) + (x * BLOCK_N + offs_n)[:, None] * DIP + offs_i[None, :]
     tl.store(DKI_ws + ws, dki)
-    tl.store(KL_tile + t, tl.sum(kl, 0) * 0.6931471805599453)
+    tl.store(KL_tile + t * SPLIT + x, tl.sum(kl, 0) * 0.6931471805599453)
 
 
 def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scale, index_scale, total_groups):
@@ -128,11 +119,13 @@ def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scal
     dqi = new_buffer((total, groups, di), torch.float32, q.device)
     dki = torch.zeros((n_keys, 1, di), dtype=torch.float32, device=q.device)
     tiles = plan.tiles["kl"]
-    kl_tile = torch.zeros(max(1, plan.n_chunks * tiles.cap), dtype=torch.float32, device=q.device)
+    cfg = CONFIG
+    split = max(1, min(int(cfg["kl_split"]), plan.block_size // 16))
+    kl_tile = torch.zeros(max(1, plan.n_chunks * tiles.cap * split), dtype=torch.float32, device=q.device)
     if total == 0:
         return kl_tile.sum(), dqi, dki
-    dqi_part = new_buffer((nslot, plan.chunk, groups, di), torch.float32, q.device)
-    cfg = CONFIG
+    # [slice, slot, query row of the chunk, group, di]
+    dqi_part = new_buffer((split, nslot, plan.chunk, groups, di), torch.float32, q.device)
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
@@ -142,13 +135,14 @@ def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scal
             tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
             t0, q0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-            lse.stride(0), index_lse.stride(0), dqi_part.stride(0), dqi_part.stride(1), dqi_part.stride(2),
-            softmax_scale * LOG2E, index_scale * LOG2E,
+            lse.stride(0), index_lse.stride(0), dqi_part.stride(1), dqi_part.stride(2), dqi_part.stride(3),
+            dqi_part.stride(0), softmax_scale * LOG2E, index_scale * LOG2E,
         )
         with timed("KL sparse kernel"):
-            _kl_sparse_kernel[(t1 - t0,)](
-                *args, HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_M=cfg["kl_rows"], BLOCK_N=plan.block_size,
-                HAS_QPOS=plan.has_qpos, num_warps=cfg["kl_warps"], num_stages=cfg["kl_stages"],
+            _kl_sparse_kernel[(t1 - t0, split)](
+                *args, HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_M=cfg["kl_rows"], BLOCK_N=plan.block_size // split,
+                SPLIT=split, HAS_QPOS=plan.has_qpos, QUERY_ROWS=cfg["kl_query_rows"],
+                num_warps=cfg["kl_warps"], num_stages=cfg["kl_stages"],
             )
         with timed("KL dki workspace sum"):
             _block_ws_sum_kernel[(plan.n_rows, 1)](
@@ -191,61 +185,80 @@ def _kl_dense_index_lse_kernel(
         qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
-        for kb in range(0, L + 1):
-            key_tok = doc_start + kb * BLOCK + offs_m
-            kt = key_tok.to(tl.int64)
-            ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=(key_tok <= last)[:, None] & i_ok[None, :], other=0.0)
+        # Blocks before the row's own are visible to all its queries: no mask (unused rows have
+        # qi = 0, finite scores, and are not stored); the row's block takes the causal mask.
+        for kb in range(0, L):
+            kt = (doc_start + kb * BLOCK + offs_m).to(tl.int64)
+            ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=i_ok[None, :], other=0.0)
             s = tl.dot(qi, tl.trans(ki)) * iqk_scale
-            s = tl.where((key_tok[None, :] <= pos[:, None]) & ok[:, None], s, float("-inf"))
-            m_new = tl.where(ok, tl.maximum(m_i, tl.max(s, 1)), 0.0)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
             m_i = m_new
+        key_tok = doc_start + L * BLOCK + offs_m
+        kt = key_tok.to(tl.int64)
+        ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=(key_tok <= last)[:, None] & i_ok[None, :], other=0.0)
+        s = tl.dot(qi, tl.trans(ki)) * iqk_scale
+        s = tl.where((key_tok[None, :] <= pos[:, None]) & ok[:, None], s, float("-inf"))
+        m_new = tl.where(ok, tl.maximum(m_i, tl.max(s, 1)), 0.0)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
         l_i = tl.where(ok, l_i, 1.0)
         tl.store(ILSE + g.to(tl.int64) * stride_ig + qt, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
 
 
 @triton.jit
-def _kl_dense_step(
-    Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, ok, pos, g,
+def _head_scores(Q, Q_desc, LSE, head, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, qk_scale,
+                 HEAD_DIM: tl.constexpr, D: tl.constexpr, QUERY_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
+    """log2 of one head's main-softmax probabilities on the step's tile ([queries, keys] when
+    QUERY_ROWS, else [keys, queries]); q and k are detached inputs, lse is the main lse."""
+    if USE_TMA:
+        qh = Q_desc.load([m0, head * HEAD_DIM])
+    else:
+        offs_d = tl.arange(0, D)
+        qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                     mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
+    if QUERY_ROWS:
+        return tl.dot(qh, tl.trans(k)) * qk_scale - lse[:, None]
+    else:
+        return tl.dot(k, tl.trans(qh)) * qk_scale - lse[None, :]
+
+
+@triton.jit
+def _kl_step(
+    Q, Q_desc, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, m0, ok, pos, g,
     stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
-    QUERY_ROWS: tl.constexpr,
+    QUERY_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """One (key block, query tile) step: (dki share [N, DI], dqi share [M, DI], KL terms [M], log2).
+    """One (key tile, query tile) step: (dki share [N, DI], dqi share [M, DI], KL terms [M], log2).
 
     The teacher sums the r heads' probabilities in one tile; QUERY_ROWS picks its orientation
-    ([queries, keys]: Q_h is the streamed left operand; [keys, queries]: K is). Both are exact.
+    ([queries, keys]: Q_h is the streamed left operand; [keys, queries]: K is). With USE_TMA the
+    query rows are m0 + arange (contiguous) and Q_h comes through the descriptor. Both exact.
     """
-    offs_d = tl.arange(0, D)
     offs_i = tl.arange(0, DIP)
     qt = qrow.to(tl.int64)
-    qmask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     qi = tl.load(QI + qt[:, None] * stride_qit + g * stride_qig + offs_i[None, :], mask=ok[:, None] & (offs_i < DI)[None, :], other=0.0)
     ilse = tl.load(ILSE + g.to(tl.int64) * stride_ig + qt, mask=ok, other=0.0) * 1.4426950408889634
     if QUERY_ROWS:
         p_t = tl.zeros([qrow.shape[0], key_tok.shape[0]], tl.float32)
-        for h in range(R):
-            head = g * R + h
-            qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
-            lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
-            p_t += tl.exp2(tl.dot(qh, tl.trans(k)) * qk_scale - lse[:, None])
         visible = (key_tok[None, :] <= pos[:, None]) & key_ok[None, :] & ok[:, None]
-        p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
+    else:
+        p_t = tl.zeros([key_tok.shape[0], qrow.shape[0]], tl.float32)
+        visible = (key_tok[:, None] <= pos[None, :]) & key_ok[:, None] & ok[None, :]
+    for h in range(R):
+        p_t += tl.exp2(_head_scores(Q, Q_desc, LSE, g * R + h, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, qk_scale,
+                                    HEAD_DIM, D, QUERY_ROWS, USE_TMA))
+    p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
+    if QUERY_ROWS:
         s_idx = tl.dot(qi, tl.trans(ki)) * iqk_scale - ilse[:, None]  # log2 P_idx
         p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
         kl = tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 1)
         ds = (p_idx - p_t).to(qi.dtype)
         return tl.dot(tl.trans(ds), qi), tl.dot(ds, ki), kl
     else:
-        p_t = tl.zeros([key_tok.shape[0], qrow.shape[0]], tl.float32)
-        for h in range(R):
-            head = g * R + h
-            qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
-            lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
-            p_t += tl.exp2(tl.dot(k, tl.trans(qh)) * qk_scale - lse[None, :])
-        visible = (key_tok[:, None] <= pos[None, :]) & key_ok[:, None] & ok[None, :]
-        p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
         s_idx = tl.dot(ki, tl.trans(qi)) * iqk_scale - ilse[None, :]  # log2 P_idx
         p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
         kl = tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 0)
@@ -255,7 +268,7 @@ def _kl_dense_step(
 
 @triton.jit
 def _kl_dense_kernel(
-    Q, K, QI, KI, LSE, ILSE, QPOS, W, DKI_part, KL_part,
+    Q, Q_desc, K, QI, KI, LSE, ILSE, QPOS, W, DKI_part, KL_part,
     row_order, row_key_start, row_doc_end, row_blk, row_q_lo, row_q_doc_end,
     q0, q1, n_rows,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
@@ -263,10 +276,11 @@ def _kl_dense_kernel(
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_QPOS: tl.constexpr, QUERY_ROWS: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Pass 2, key-owner: one key block of group g against every later query row in [q0, q1).
 
-    The teacher of each (key, query) pair is computed once (_kl_dense_step), then the student, the
+    The teacher of each (key, query) pair is computed once (_kl_step), then the student, the
     KL terms and ds = P_idx - P_T. dki of the block accumulates in registers; each query's dqi
     share of this block goes to W[g, query - q0, block] for the fixed-order sum of pass 3.
     """
@@ -294,10 +308,10 @@ def _kl_dense_kernel(
             qrow = m0 + offs_m
             ok = qrow < qb
             pos = key_pos(QPOS, qrow, ok, HAS_QPOS)
-            dki_share, dqi, kl_share = _kl_dense_step(
-                Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, ok, pos, g,
+            dki_share, dqi, kl_share = _kl_step(
+                Q, Q_desc, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, m0, ok, pos, g,
                 stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig, qk_scale, iqk_scale,
-                HEAD_DIM, D, DI, DIP, R, QUERY_ROWS,
+                HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, USE_TMA,
             )
             dki += dki_share
             kl += kl_share
@@ -336,12 +350,14 @@ def _kl_dense_dqi_kernel(
 
 
 def _dense_dqi_sum(w, dqi_rows, qblk, q0, q1, grad_scale, n_blocks, rows=64):
-    """dqi of query rows [q0, q1) from the chunk's shares w: one pass, or CONFIG["dense_dqi_split"]
-    block segments summed into fp32 partials that are then added in segment order."""
-    split = max(1, min(int(CONFIG["dense_dqi_split"]), n_blocks))
+    """dqi of query rows [q0, q1) from the chunk's shares w: one pass, or block segments (enough
+    for about CONFIG["dense_dqi_programs"] programs) summed into fp32 partials that are then added
+    in segment order."""
+    groups, di = dqi_rows.shape[1], dqi_rows.shape[2]
+    programs = triton.cdiv(q1 - q0, rows) * groups
+    split = max(1, min(-(-int(CONFIG["dense_dqi_programs"]) // programs), n_blocks))
     seg = -(-n_blocks // split)
     split = -(-n_blocks // seg)
-    groups, di = dqi_rows.shape[1], dqi_rows.shape[2]
     # [segment, query row, group, di]: one segment writes dqi itself
     out = dqi_rows.unsqueeze(0) if split == 1 else torch.empty((split, q1 - q0, groups, di), dtype=torch.float32, device=w.device)
     _kl_dense_dqi_kernel[(triton.cdiv(q1 - q0, rows), groups, split)](
@@ -351,6 +367,19 @@ def _dense_dqi_sum(w, dqi_rows, qblk, q0, q1, grad_scale, n_blocks, rows=64):
     )
     if split > 1:
         torch.sum(out, dim=0, out=dqi_rows)
+
+
+def _q_descriptor(q, block_m):
+    """A TMA descriptor over q as [T, Hq * d] with [block_m, d] tiles, or None where TMA cannot
+    serve (a head dim that is not a power of two, strides or base not 16-byte aligned)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    total, hq, d = q.shape
+    if d != next_pow2(d) or q.stride(2) != 1 or q.stride(1) != d or total == 0:
+        return None
+    if q.data_ptr() % 16 or (q.stride(0) * q.element_size()) % 16:
+        return None
+    return TensorDescriptor(q, [total, hq * d], [q.stride(0), 1], [block_m, d])
 
 
 def _dense_query_chunk(n_q, groups, n_blocks, di, itemsize):
@@ -406,11 +435,12 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
     # consecutive queries' rows contiguously.
     w = new_buffer((groups, n_blocks, chunk, di), ws_dtype, dev)
     order = rows.most_queries_first()
+    q_desc = _q_descriptor(q, CONFIG["dense_rows"]) if CONFIG["dense_tma"] else None
     for q0 in range(0, total, chunk):
         q1 = min(q0 + chunk, total)
         with timed("KL dense kernel"):
             _kl_dense_kernel[(rows.n, groups)](
-                q, k, qi, ki2, lse, ilse, qp_arg, w, dki_part, kl_part,
+                q, q if q_desc is None else q_desc, k, qi, ki2, lse, ilse, qp_arg, w, dki_part, kl_part,
                 order, rows.key_start, rows.doc_end, rows.blk, rows.q_lo, rows.q_doc_end,
                 q0, q1, rows.n,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
@@ -418,6 +448,7 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
                 softmax_scale * LOG2E, index_scale * LOG2E,
                 HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_N=block, BLOCK_M=CONFIG["dense_rows"],
                 HAS_QPOS=qp is not None, QUERY_ROWS=CONFIG["dense_query_rows"],
+                USE_TMA=q_desc is not None,
                 num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"],
             )
         with timed("KL dense dqi sum"):

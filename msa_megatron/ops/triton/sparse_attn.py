@@ -287,11 +287,12 @@ def _sparse_bwd_kernel(
 
 @triton.jit
 def _slot_sum_kernel(
-    Part, TopK, Out, q0, q1, n_slot, scale,
-    stride_ps, stride_pt, stride_ph, stride_kg, stride_kt, stride_ot, stride_oh,
+    Part, TopK, Out, q0, q1, n_slot, n_slice, scale,
+    stride_px, stride_ps, stride_pt, stride_ph, stride_kg, stride_kt, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Out[i, head] = scale * sum over the valid slots of Part[s, i - q0, head] (fixed order).
+    """Out[i, head] = scale * sum over the valid slots s and the slices x of Part[x, s, i - q0, head]
+    (fixed order).
 
     Rows as in the combine kernel: ROWS // RP queries x the heads of group program_id(1).
     """
@@ -307,21 +308,24 @@ def _slot_sum_kernel(
     acc = tl.zeros([ROWS, D], tl.float32)
     for s in range(0, n_slot):
         valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
-        acc += tl.load(Part + s * stride_ps + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :],
-                       mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
+        for x in range(0, n_slice):
+            acc += tl.load(Part + x * stride_px + s * stride_ps + il[:, None] * stride_pt + head[:, None] * stride_ph
+                           + offs_d[None, :], mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
     it = i.to(tl.int64)
     tl.store(Out + it[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              (acc * scale).to(Out.dtype.element_ty), mask=ok[:, None] & dmask)
 
 
 def slot_sum(part, topk, out, q0, q1, scale, r):
-    """out[q0:q1] = scale * (sum of part over each (query, group)'s valid slots); part [k, chunk, H, d]."""
+    """out[q0:q1] = scale * (sum of part over each (query, group)'s valid slots); part [k, chunk, H, d],
+    or [slices, k, chunk, H, d] (summed over the slices too)."""
     d = out.shape[-1]
     rows = _rows_per_program(r, d)
+    part = part.unsqueeze(0) if part.dim() == 4 else part
     with timed("slot sum (dq / dqi)"):
         _slot_sum_kernel[(triton.cdiv(q1 - q0, rows // next_pow2(r)), topk.shape[0])](
-            part, topk, out, q0, q1, topk.shape[-1], scale,
-            part.stride(0), part.stride(1), part.stride(2), topk.stride(0), topk.stride(1),
+            part, topk, out, q0, q1, topk.shape[-1], part.shape[0], scale,
+            part.stride(0), part.stride(1), part.stride(2), part.stride(3), topk.stride(0), topk.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=d, D=max(16, next_pow2(d)), R=r, RP=next_pow2(r), ROWS=rows, num_warps=4,
         )
