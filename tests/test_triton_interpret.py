@@ -272,13 +272,14 @@ else:
             o_r, lse_r = ref.sparse_attention(q.double()[rows], k.double(), v.double(), sel, cu, BK, qpos=rows)
             assert rel(o, o_r) < 1e-2 and rel(lse, lse_r) < 1e-5
 
-    @pytest.mark.parametrize("query_rows,block,rows,programs,tma", [
-        (True, 16, 16, 0, False), (False, 32, 16, 0, False), (True, 16, 16, 6, True), (False, 32, 16, 0, True),
+    @pytest.mark.parametrize("query_rows,block,rows,programs,tma,lse_t", [
+        (True, 16, 16, 0, False, False), (False, 32, 16, 0, False, True), (True, 16, 16, 6, True, True),
+        (False, 32, 16, 0, True, False),
     ])
-    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, programs, tma, monkeypatch):
+    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, programs, tma, lse_t, monkeypatch):
         """The dense KL's launch variants (tile orientation, keys per program, a tiny share budget
         that forces several query chunks, the dqi share sum in block segments, Q through a TMA
-        descriptor) all compute the reference's value and gradients."""
+        descriptor, the lse read heads-major) all compute the reference's value and gradients."""
         from msa_megatron.ops.triton import kl as klmod
 
         monkeypatch.setitem(klmod.CONFIG, "dense_dqi_programs", programs)
@@ -286,6 +287,7 @@ else:
         monkeypatch.setitem(klmod.CONFIG, "dense_block", block)
         monkeypatch.setitem(klmod.CONFIG, "dense_rows", rows)
         monkeypatch.setitem(klmod.CONFIG, "dense_tma", tma)
+        monkeypatch.setitem(klmod.CONFIG, "dense_lse_heads_major", lse_t)
         monkeypatch.setitem(klmod.CONFIG, "dense_ws_mib", 0)
         if tma:
             assert klmod._q_descriptor(torch.zeros(8, 4, 16, dtype=torch.bfloat16), rows) is not None

@@ -32,13 +32,15 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 # Sparse: kl_split cuts each 128-key block into that many key slices, one program each (fewer
 # registers; each slice writes its own dqi partial). Dense: dense_block = keys per program,
 # dense_tma loads Q tiles with the tensor-memory accelerator (a host-side descriptor; rows of the
-# dense pass are contiguous), the dqi-share workspace is bounded by dense_ws_mib (bf16 shares unless
-# dense_ws_fp32), and the share sum runs in block segments so that each launch has about
-# dense_dqi_programs programs (0: one segment; fp32 partials added in a fixed order).
+# dense pass are contiguous), dense_lse_heads_major reads the main lse from a [Hq, T] copy, the
+# dqi-share workspace is bounded by dense_ws_mib (bf16 shares unless dense_ws_fp32), and the share
+# sum runs in block segments so that each launch has about dense_dqi_programs programs (0: one
+# segment; fp32 partials added in a fixed order).
 CONFIG = {
     "kl_rows": 64, "kl_warps": 4, "kl_stages": 3, "kl_split": 2, "kl_query_rows": True,
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
-    "dense_tma": True, "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024,
+    "dense_tma": True, "dense_lse_heads_major": True,
+    "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024,
 }
 
 
@@ -51,7 +53,7 @@ def _kl_sparse_kernel(
     tiles, entry_tok, entry_slot, row_key_start, row_key_end,
     tile0, q0,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
-    stride_lt, stride_ig, stride_ps, stride_pt, stride_pg, stride_px,
+    stride_lt, stride_lh, stride_ig, stride_ps, stride_pt, stride_pg, stride_px,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_QPOS: tl.constexpr,
@@ -88,7 +90,7 @@ def _kl_sparse_kernel(
         pos = key_pos(QPOS, tok, ok, HAS_QPOS)
         dki_share, dqi, kl_share = _kl_step(
             Q, Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, tok, 0, ok, pos, g,
-            stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig, qk_scale, iqk_scale,
+            stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_lh, stride_ig, qk_scale, iqk_scale,
             HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, False,
         )
         dki += dki_share
@@ -135,7 +137,7 @@ def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scal
             tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
             t0, q0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-            lse.stride(0), index_lse.stride(0), dqi_part.stride(1), dqi_part.stride(2), dqi_part.stride(3),
+            lse.stride(0), lse.stride(1), index_lse.stride(0), dqi_part.stride(1), dqi_part.stride(2), dqi_part.stride(3),
             dqi_part.stride(0), softmax_scale * LOG2E, index_scale * LOG2E,
         )
         with timed("KL sparse kernel"):
@@ -207,7 +209,7 @@ def _kl_dense_index_lse_kernel(
 
 
 @triton.jit
-def _head_scores(Q, Q_desc, LSE, head, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, qk_scale,
+def _head_scores(Q, Q_desc, LSE, head, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, stride_lh, qk_scale,
                  HEAD_DIM: tl.constexpr, D: tl.constexpr, QUERY_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
     """log2 of one head's main-softmax probabilities on the step's tile ([queries, keys] when
     QUERY_ROWS, else [keys, queries]); q and k are detached inputs, lse is the main lse."""
@@ -217,7 +219,7 @@ def _head_scores(Q, Q_desc, LSE, head, qt, m0, ok, k, stride_qt, stride_qh, stri
         offs_d = tl.arange(0, D)
         qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                      mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    lse = tl.load(LSE + qt * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + qt * stride_lt + head * stride_lh, mask=ok, other=0.0) * 1.4426950408889634
     if QUERY_ROWS:
         return tl.dot(qh, tl.trans(k)) * qk_scale - lse[:, None]
     else:
@@ -227,7 +229,7 @@ def _head_scores(Q, Q_desc, LSE, head, qt, m0, ok, k, stride_qt, stride_qh, stri
 @triton.jit
 def _kl_step(
     Q, Q_desc, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, m0, ok, pos, g,
-    stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig,
+    stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_lh, stride_ig,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
     QUERY_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
@@ -249,7 +251,7 @@ def _kl_step(
         p_t = tl.zeros([key_tok.shape[0], qrow.shape[0]], tl.float32)
         visible = (key_tok[:, None] <= pos[None, :]) & key_ok[:, None] & ok[None, :]
     for h in range(R):
-        p_t += tl.exp2(_head_scores(Q, Q_desc, LSE, g * R + h, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, qk_scale,
+        p_t += tl.exp2(_head_scores(Q, Q_desc, LSE, g * R + h, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, stride_lh, qk_scale,
                                     HEAD_DIM, D, QUERY_ROWS, USE_TMA))
     p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
     if QUERY_ROWS:
@@ -272,7 +274,7 @@ def _kl_dense_kernel(
     row_order, row_key_start, row_doc_end, row_blk, row_q_lo, row_q_doc_end,
     q0, q1, n_rows,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
-    stride_lt, stride_ig, stride_wg, stride_wt, stride_wb, stride_dg, stride_dt,
+    stride_lt, stride_lh, stride_ig, stride_wg, stride_wt, stride_wb, stride_dg, stride_dt,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_QPOS: tl.constexpr, QUERY_ROWS: tl.constexpr,
@@ -310,7 +312,7 @@ def _kl_dense_kernel(
             pos = key_pos(QPOS, qrow, ok, HAS_QPOS)
             dki_share, dqi, kl_share = _kl_step(
                 Q, Q_desc, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, m0, ok, pos, g,
-                stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_ig, qk_scale, iqk_scale,
+                stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_lh, stride_ig, qk_scale, iqk_scale,
                 HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, USE_TMA,
             )
             dki += dki_share
@@ -436,15 +438,17 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
     w = new_buffer((groups, n_blocks, chunk, di), ws_dtype, dev)
     order = rows.most_queries_first()
     q_desc = _q_descriptor(q, CONFIG["dense_rows"]) if CONFIG["dense_tma"] else None
+    # Heads-major lse ([Hq, T] viewed as [T, Hq]): a head's lse of a query tile is one contiguous load.
+    lse_k = lse.t().contiguous().t() if CONFIG["dense_lse_heads_major"] else lse
     for q0 in range(0, total, chunk):
         q1 = min(q0 + chunk, total)
         with timed("KL dense kernel"):
             _kl_dense_kernel[(rows.n, groups)](
-                q, q if q_desc is None else q_desc, k, qi, ki2, lse, ilse, qp_arg, w, dki_part, kl_part,
+                q, q if q_desc is None else q_desc, k, qi, ki2, lse_k, ilse, qp_arg, w, dki_part, kl_part,
                 order, rows.key_start, rows.doc_end, rows.blk, rows.q_lo, rows.q_doc_end,
                 q0, q1, rows.n,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-                lse.stride(0), ilse.stride(0), w.stride(0), w.stride(2), w.stride(1), dki_part.stride(0), dki_part.stride(1),
+                lse_k.stride(0), lse_k.stride(1), ilse.stride(0), w.stride(0), w.stride(2), w.stride(1), dki_part.stride(0), dki_part.stride(1),
                 softmax_scale * LOG2E, index_scale * LOG2E,
                 HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_N=block, BLOCK_M=CONFIG["dense_rows"],
                 HAS_QPOS=qp is not None, QUERY_ROWS=CONFIG["dense_query_rows"],
