@@ -1,5 +1,6 @@
 import os
 import re
+import shlex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "conf")
@@ -18,6 +19,7 @@ def readme_section_commands(title: str) -> list:
 
 
 def readme_tool_args(title: str, script: str) -> list:
-    """The arguments after `script` of the README section's one `.venv/bin/python <script>` command."""
+    """The arguments after `script` of the README section's one `.venv/bin/python <script>` command
+    (as the shell splits it: quotes honoured, a trailing comment dropped)."""
     (line,) = [c for c in readme_section_commands(title) if c.startswith(f".venv/bin/python {script}")]
-    return line.split()[2:]
+    return shlex.split(line, comments=True)[2:]

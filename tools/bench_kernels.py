@@ -27,6 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tools.bench.report import markdown, write_docs  # noqa: E402
+from tools.bench.tune import FAMILIES  # noqa: E402
+
+KINDS = ("single", "packed")
 
 
 def parse_args():
@@ -48,21 +51,69 @@ def parse_args():
     ap.add_argument("--autotune", action="append", default=[], metavar="N[:FAMILIES]",
                     help="before the benchmark, time variants at context N and keep the fastest (FAMILIES: "
                          "comma-separated, default --tune-families); may repeat, e.g. 32768 131072:dqi_sum")
-    ap.add_argument("--tune-families", default="select,fwd,bwd,kl,dense_kl,dqi_sum")
+    ap.add_argument("--tune-families", default=",".join(FAMILIES))
     return ap.parse_args()
+
+
+def fail(message):
+    """A user error: one line on stderr, exit code 2."""
+    print(f"bench_kernels: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _contexts(value, flag):
+    """Positive token counts from 'N,N,...' (flag names the argument in the error)."""
+    try:
+        out = [int(c) for c in value.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        fail(f"{flag}: expected comma-separated positive token counts, e.g. 32768,131072")
+    return out
+
+
+def _families(value, flag):
+    fams = tuple(value.split(","))
+    unknown = [f for f in fams if f not in FAMILIES]
+    if unknown:
+        fail(f"{flag}: unknown tuning family {','.join(unknown)} (known: {','.join(FAMILIES)})")
+    return fams
+
+
+def checked(args):
+    """(contexts, kinds, families, [(context, families)] to autotune) from valid arguments, else fail()."""
+    contexts = _contexts(args.contexts, f"--contexts={args.contexts}")
+    kinds = args.kinds.split(",")
+    if any(k not in KINDS for k in kinds):
+        fail(f"--kinds={args.kinds}: expected a comma-separated subset of {','.join(KINDS)}")
+    families = _families(args.tune_families, f"--tune-families={args.tune_families}")
+    autotune = []
+    for spec in args.autotune:
+        n, _, fams = spec.partition(":")
+        ctx = _contexts(n, f"--autotune={spec}")
+        if len(ctx) != 1:
+            fail(f"--autotune={spec}: one context per flag (repeat --autotune for more)")
+        autotune.append((ctx[0], _families(fams, f"--autotune={spec}") if fams else families))
+    return contexts, kinds, families, autotune
 
 
 def main():
     args = parse_args()
     if args.from_json:
+        if not os.path.isfile(args.from_json):
+            fail(f"--from-json={args.from_json}: no such file")
         results = json.load(open(args.from_json))
         md = markdown(results)
         if args.docs:
             write_docs(md, args.docs)
         print(md)
         return
+    contexts, kinds, families, autotune = checked(args)
 
     import torch
+
+    if not torch.cuda.is_available():
+        fail("no CUDA GPU visible: the kernel benchmark times GPU kernels (--from-json renders saved results on any machine)")
 
     from msa_megatron.ops import reference as ref
     from msa_megatron.ops import triton as tri
@@ -76,9 +127,6 @@ def main():
 
     results = {"env": env_info(), "rows": [], "checks": {}, "tune": []}
     report(json.dumps(results["env"]))
-    contexts = [int(c) for c in args.contexts.split(",")]
-    kinds = args.kinds.split(",")
-    families = tuple(args.tune_families.split(","))
 
     def save():
         if args.out:
@@ -89,9 +137,8 @@ def main():
         results["resources"] = kernel_resources(report)
         save()
         return
-    for spec in args.autotune:
-        n, _, fams = spec.partition(":")
-        results["tune"] += tune(int(n), tri, report, families=tuple(fams.split(",")) if fams else families)
+    for n, fams in autotune:
+        results["tune"] += tune(n, tri, report, families=fams)
         torch.cuda.empty_cache()
     results["config"] = chosen_configs()
     if args.check_size:

@@ -45,11 +45,10 @@ def run_case(n, kind, args, tri, report):
     # Indexer (+ top-k), the plan and the index lse.
     sel = indexer.select_topk(qi, ki, cu, BK, TOPK)
     rec("indexer select (top-k kernel)", bench(lambda: indexer.select_topk(qi, ki, cu, BK, TOPK)), f["index"])
-    plan = planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0])
-    rec("plan (block->queries CSR)", bench(lambda: planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0])),
-        host_syncs=host_syncs(lambda: tri.select_blocks(qi, ki, cu, shape)))
-    attempt("plan graph", lambda: rec("plan, CUDA graph replay", graph_replay_ms(
-        lambda: planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0]))))
+    build_plan = lambda: planmod.build_plan(sel, cu, BK, query_chunk(sel.shape[1]), k.shape[0])
+    plan = build_plan()
+    rec("plan (block->queries CSR)", bench(build_plan), host_syncs=host_syncs(lambda: tri.select_blocks(qi, ki, cu, shape)))
+    attempt("plan graph", lambda: rec("plan, CUDA graph replay", graph_replay_ms(build_plan)))
     rec("index lse (selected support)", bench(lambda: indexer.index_lse(qi, ki, sel, plan, shape.index_scale)))
     rec("select_blocks total", bench(lambda: tri.select_blocks(qi, ki, cu, shape)), f["index"])
     if kind == "single":

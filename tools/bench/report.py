@@ -116,15 +116,12 @@ def target_lines(rows):
         if value is not None:
             out.append(f"| {label} | {fmt.format(value)} | {_status(value, goal, higher)} |")
 
-    for c in (32768, 65536, 131072):
-        dense, warm = get(c, DENSE), get(c, WARMUP)
-        if dense and warm:
-            add(f"dense warm-up layer <= 1.35x cuDNN dense fwd+bwd at {c // 1024}K", warm / dense, 1.35, "{:.2f}x", False)
-    for c in (32768, 65536, 131072):
-        dense, warm = packed(c, DENSE), packed(c, WARMUP)
-        if dense and warm:
-            add(f"same, packed batch at {c // 1024}K (cuDNN baseline: one call per document)", warm / dense, 1.35,
-                "{:.2f}x", False)
+    for of, label in ((get, "dense warm-up layer <= 1.35x cuDNN dense fwd+bwd at {}K"),
+                      (packed, "same, packed batch at {}K (cuDNN baseline: one call per document)")):
+        for c in (32768, 65536, 131072):
+            dense, warm = of(c, DENSE), of(c, WARMUP)
+            if dense and warm:
+                add(label.format(c // 1024), warm / dense, 1.35, "{:.2f}x", False)
     for c in (32768, 65536, 131072):
         add(f"dense KL >= 350 TF/s at {c // 1024}K", get(c, "KL dense warm-up", "tflops"), 350, "{:.0f} TF/s")
     for c, goal in ((32768, 3.5), (65536, 7), (131072, 13)):

@@ -122,7 +122,8 @@ def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scal
     dki = torch.zeros((n_keys, 1, di), dtype=torch.float32, device=q.device)
     tiles = plan.tiles["kl"]
     cfg = CONFIG
-    split = max(1, min(int(cfg["kl_split"]), plan.block_size // 16))
+    # key slices: a power of two (a power-of-two block stays power-of-two sliced), at least 16 keys each
+    split = max(1, min(next_pow2(int(cfg["kl_split"]) + 1) // 2, plan.block_size // 16))
     kl_tile = torch.zeros(max(1, plan.n_chunks * tiles.cap * split), dtype=torch.float32, device=q.device)
     if total == 0:
         return kl_tile.sum(), dqi, dki
