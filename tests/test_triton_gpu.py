@@ -208,6 +208,47 @@ def test_indexer_kl_value_and_grads(sparse, hq, hkv):
     assert qig.grad.dtype == qi.dtype and kig.grad.shape == ki.shape
 
 
+@pytest.mark.parametrize("hq,hkv,chunk", [(32, 2, None), (16, 2, "3000"), (4, 4, None)])
+def test_kl_in_the_attention_backward(hq, hkv, chunk, monkeypatch):
+    """The training path (KL teacher built in the attention backward): o, dq/dk/dv, the KL value
+    written by the backward and dqi/dki against the reference; bitwise repeatable; no host sync."""
+    from msa_megatron import ops
+    from msa_megatron.ops import triton as tri
+
+    dev = _cuda()
+    if chunk:
+        monkeypatch.setenv("MSA_QUERY_CHUNK", chunk)
+    q, k, v, qi, ki, cu = make(LENGTHS, hq, hkv, seed=17, dev=dev)
+    shape = shape_for(128, 128, LENGTHS)
+    sel, ilse = tri.select_blocks(qi, ki, cu, shape)
+    do = torch.randn(q.shape, device=dev, dtype=q.dtype)
+    coeff = 0.37
+    runs = []
+    for attempt in range(2):
+        qg, kg, vg, qig, kig = [t.clone().requires_grad_(True) for t in (q, k, v, qi, ki)]
+        o, kl, value = ops.sparse_attention_with_kl(qg, kg, vg, qig, kig, sel, ilse, cu, shape, "triton", 2 * hkv)
+        if attempt:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            torch.autograd.backward([o, coeff * kl], [do, torch.ones((), device=dev)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        runs.append([o, value, qg.grad, kg.grad, vg.grad, qig.grad, kig.grad])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    o, value, dq, dk, dv, dqi, dki = runs[0]
+    qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]
+    o_r, _ = ref.sparse_attention(qd, kd, vd, sel, cu, 128)
+    o_r.backward(do.double())
+    assert rel(o, o_r) < TOL
+    for got, want in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+        assert rel(got, want) < TOL
+    args = (q.double(), k.double(), qi.double(), ki.double(), cu, sel, 128)
+    assert value.item() == pytest.approx(ref.indexer_kl(*args, total_groups=2 * hkv).item(), rel=1e-3)
+    dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=2 * hkv, coeff=coeff)
+    assert rel(dqi, dqi_r) < TOL and rel(dki, dki_r) < TOL
+
+
 def test_backward_is_deterministic():
     from msa_megatron.ops import triton as tri
 

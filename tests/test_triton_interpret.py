@@ -191,6 +191,44 @@ else:
         assert kl.item() == pytest.approx(kl_r.item(), rel=1e-2)
         assert rel(qig.grad, dqi_r) < 1e-2 and rel(kig.grad, dki_r) < 1e-2
 
+    @pytest.mark.parametrize("hq,hkv,k,tiny_tiles", [(4, 2, 3, False), (16, 1, 5, False), (2, 2, 3, True), (8, 2, 4, True)])
+    def test_kl_computed_in_the_attention_backward(hq, hkv, k, tiny_tiles, monkeypatch):
+        """ops.sparse_attention_with_kl: o and dq/dk/dv as sparse_attention, the KL value (written
+        by the backward) and dqi/dki as indexer_kl, over several query chunks (and tiles)."""
+        from msa_megatron import ops
+        from msa_megatron.ops.triton import plan as plan_mod
+
+        if tiny_tiles:
+            monkeypatch.setattr(plan_mod, "TILE_QUERIES", {"fwd": 5, "bwd": 3, "kl": 4, "ilse": 6})
+        q, kk, v, qi, ki, cu = make(LENGTHS, hq, hkv, seed=12)
+        sh = shape(16, 16, k, LENGTHS)
+        sel, ilse = tri.select_blocks(qi, ki, cu, sh)
+        qg, kg, vg, qig, kig = [t.clone().requires_grad_(True) for t in (q, kk, v, qi, ki)]
+        o, kl, value = ops.sparse_attention_with_kl(qg, kg, vg, qig, kig, sel, ilse, cu, sh, "triton", 3)
+        assert kl.item() == 0.0 and math.isnan(value.item())  # the value arrives with the backward
+        do = torch.randn_like(o)
+        ((o.float() * do.float()).sum() + 0.5 * kl).backward()
+        qd, kd, vd = [t.double().requires_grad_(True) for t in (q, kk, v)]
+        o_r, _ = ref.sparse_attention(qd, kd, vd, sel, cu, BK)
+        o_r.backward(do.double())
+        assert rel(o, o_r) < 1e-2
+        for got, want in ((qg.grad, qd.grad), (kg.grad, kd.grad), (vg.grad, vd.grad)):
+            assert rel(got, want) < 1e-2
+        args = (q.double(), kk.double(), qi.double(), ki.double(), cu, sel, BK)
+        assert value.item() == pytest.approx(ref.indexer_kl(*args, total_groups=3).item(), rel=1e-3)
+        dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=3, coeff=0.5)
+        assert rel(qig.grad, dqi_r) < 1e-2 and rel(kig.grad, dki_r) < 1e-2
+
+    def test_kl_in_backward_only_where_a_step_holds_whole_queries():
+        """3 heads per group do not tile a 64-row step: the caller is told to use the two ops."""
+        from msa_megatron import ops
+
+        q, kk, v, qi, ki, cu = make([40], 3, 1, seed=13)
+        sh = shape(16, 16, 2, [40])
+        sel, ilse = tri.select_blocks(qi, ki, cu, sh)
+        assert ops.sparse_attention_with_kl(q, kk, v, qi, ki, sel, ilse, cu, sh, "triton", 1) is None
+        assert ops.sparse_attention_with_kl(q, kk, v, qi, ki, sel, ilse, cu, sh, "reference", 1) is None
+
     def test_kl_is_zero_when_student_is_teacher():
         lengths = [40, 9]
         _, _, _, qi, ki, cu = make(lengths, 1, 1, seed=8)
@@ -296,32 +334,46 @@ else:
         _, lse = tri.dense_attention(q, k, v, cu, sh)
         check_kl_against_reference(q, k, lse, qi, ki, None, None, cu, sh, BK)
 
+    @pytest.mark.parametrize("in_backward", [False, True])
     @pytest.mark.parametrize("split,query_rows", [(2, True), (2, False), (1, True), (1, False)])
-    def test_sparse_kl_variants_match_the_reference(split, query_rows, monkeypatch):
+    def test_sparse_kl_variants_match_the_reference(split, query_rows, in_backward, monkeypatch):
         """The sparse KL's launch variants (each block's keys split over programs, whose dqi
         partials slot_sum adds; either tile orientation) compute the reference's value and
-        gradients, also when a block's queries span several tiles."""
+        gradients, also when a block's queries span several tiles; on its own teacher (kl_*
+        knobs) and on the one the attention backward built (kt_* knobs)."""
+        from msa_megatron import ops
         from msa_megatron.ops.triton import kl as klmod
         from msa_megatron.ops.triton import plan as plan_mod
 
-        monkeypatch.setitem(klmod.CONFIG, "kl_split", split)
-        monkeypatch.setitem(klmod.CONFIG, "kl_query_rows", query_rows)
-        monkeypatch.setitem(klmod.CONFIG, "kl_rows", 16)
+        knob = "kt_" if in_backward else "kl_"
+        monkeypatch.setitem(klmod.CONFIG, knob + "split", split)
+        monkeypatch.setitem(klmod.CONFIG, knob + "query_rows", query_rows)
+        monkeypatch.setitem(klmod.CONFIG, knob + "rows", 16)
         monkeypatch.setattr(plan_mod, "TILE_QUERIES", {"fwd": 128, "bwd": 256, "kl": 20, "ilse": 256})
         bk, lengths = 32, [1, 31, 32, 33, 90, 150]  # blocks of 32 keys: two slices of 16 (the smallest product)
         q, k, v, qi, ki, cu = make(lengths, 4, 2, seed=15)
         sh = MSAShape(bk, 3, 1 / math.sqrt(16), 1 / math.sqrt(16), max(lengths))
         sel, ilse = tri.select_blocks(qi, ki, cu, sh)
         assert plan_mod.get_plan(sel, cu, bk, 48).tiles["kl"].seg_tile_count.max().item() > 1
-        _, lse = tri.sparse_attention(q, k, v, sel, cu, sh)
-        check_kl_against_reference(q, k, lse, qi, ki, ilse, sel, cu, sh, bk)
+        if not in_backward:
+            _, lse = tri.sparse_attention(q, k, v, sel, cu, sh)
+            check_kl_against_reference(q, k, lse, qi, ki, ilse, sel, cu, sh, bk)
+            return
+        qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+        o, kl, value = ops.sparse_attention_with_kl(q.clone().requires_grad_(True), k, v, qig, kig, sel, ilse, cu, sh,
+                                                    "triton", 3)
+        torch.autograd.backward([o, kl], [torch.zeros_like(o), torch.ones_like(kl)])
+        check_kl_grads(value, qig.grad, kig.grad, q, k, qi, ki, sel, cu, bk)
 
     def check_kl_against_reference(q, k, lse, qi, ki, ilse, sel, cu, sh, bk):
         """The Triton KL (3 groups in total) and its index gradients == the float64 reference."""
         qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
         kl = tri.indexer_kl(q, k, lse, qig, kig, ilse, sel, cu, sh, total_groups=3)
         kl.backward()
+        check_kl_grads(kl, qig.grad, kig.grad, q, k, qi, ki, sel, cu, bk)
+
+    def check_kl_grads(kl, dqi, dki, q, k, qi, ki, sel, cu, bk):
         args = (q.double(), k.double(), qi.double(), ki.double(), cu, sel, bk)
         dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=3)
         assert kl.item() == pytest.approx(ref.indexer_kl(*args, total_groups=3).item(), rel=1e-3)
-        assert rel(qig.grad, dqi_r) < 1e-2 and rel(kig.grad, dki_r) < 1e-2
+        assert rel(dqi, dqi_r) < 1e-2 and rel(dki, dki_r) < 1e-2

@@ -237,6 +237,16 @@ class MSACoreAttention(PackedCoreAttention):
         topk = index_lse = None
         if self.sparse or (self.measure_recall and with_kl):
             topk, index_lse = ops.select_blocks(qi.detach(), ki.detach(), cu, shape, backend, qpos=qpos)
+        coeff = self.msa.kl.coeff
+        if self.sparse and self.training and torch.is_grad_enabled() and coeff > 0 and self.kv_replicas == 1:
+            # The KL's teacher is built in the attention backward (no second pass over the heads'
+            # scores); its value arrives with the backward, which always runs for this step.
+            fused = ops.sparse_attention_with_kl(q, k, v, qi, ki, topk, index_lse, cu, shape, backend, self.total_groups, qpos=qpos)
+            if fused is not None:
+                o, kl, kl_value = fused
+                self._record_recall(q, k, topk, cu, shape, backend, qpos)
+                self.stats.record_kl(kl_value)
+                return back(KLLossAutoScaler.apply(o, kl * coeff))
         if self.sparse:
             o, lse = ops.sparse_attention(q, k, v, topk, cu, shape, backend, qpos=qpos)
         else:
@@ -245,9 +255,7 @@ class MSACoreAttention(PackedCoreAttention):
             return back(o)
 
         teacher_q, teacher_lse = self._group_heads(q.detach()), self._group_heads(lse.detach())
-        if self.measure_recall:
-            recall = ops.selection_recall(teacher_q, k.detach(), topk, cu, shape, backend, self.msa.recall_queries, qpos=qpos)
-            self.stats.record_recall(*recall)
+        self._record_recall(teacher_q, k, topk, cu, shape, backend, qpos)
         kl = ops.indexer_kl(
             teacher_q, k.detach(), teacher_lse, qi, ki, index_lse if self.sparse else None, topk if self.sparse else None,
             cu, shape, backend, self.total_groups, qpos=qpos,
@@ -255,10 +263,15 @@ class MSACoreAttention(PackedCoreAttention):
         if self.kv_replicas > 1:  # every replica of the group computes its KL: count it once in all
             kl = kl / self.kv_replicas
         self.stats.record_kl(kl)
-        coeff = self.msa.kl.coeff
         if torch.is_grad_enabled() and kl.requires_grad and coeff > 0:
             o = KLLossAutoScaler.apply(o, kl * coeff)
         return back(o)
+
+    def _record_recall(self, teacher_q, k, topk, cu, shape, backend, qpos):
+        if self.measure_recall:
+            recall = ops.selection_recall(teacher_q.detach(), k.detach(), topk, cu, shape, backend, self.msa.recall_queries,
+                                          qpos=qpos)
+            self.stats.record_recall(*recall)
 
     def _group_heads(self, t):
         """All query heads of this rank's KV group (TP > groups splits a group's heads over its

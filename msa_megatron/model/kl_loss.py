@@ -43,15 +43,22 @@ class LayerKLStats:
         self.reset()
 
     def reset(self):
-        self.kl_sum: Optional[torch.Tensor] = None
-        self.count = 0
+        self.kl_values: list[torch.Tensor] = []
         self.recall_sum = [0.0, 0.0]
         self.recall_count = 0
 
     def record_kl(self, kl: torch.Tensor) -> None:
-        kl = kl.detach().float()
-        self.kl_sum = kl if self.kl_sum is None else self.kl_sum + kl
-        self.count += 1
+        """Kept, not added: a value computed in the backward (ops.sparse_attention_with_kl) is
+        written after this call, so the sum is taken when the training loop reads it."""
+        self.kl_values.append(kl.detach())
+
+    @property
+    def count(self) -> int:
+        return len(self.kl_values)
+
+    @property
+    def kl_sum(self) -> Optional[torch.Tensor]:
+        return torch.stack(self.kl_values).float().sum() if self.kl_values else None
 
     def record_recall(self, block_recall: Optional[float], score_recall: Optional[float]) -> None:
         if block_recall is None:

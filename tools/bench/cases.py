@@ -61,6 +61,13 @@ def run_case(n, kind, args, tri, report):
     ilse = indexer.index_lse(qi, ki, sel, plan, shape.index_scale)
     rec("KL sparse (value + dqi, dki)",
         bench(lambda: klmod.sparse_kl(q, k, lse, qi, ki, ilse, sel, plan, scale, shape.index_scale, 4)), f["kl"])
+    if sparse_attn.teacher_in_backward(q.shape[1] // k.shape[1]):
+        def bwd_with_kl():
+            kl_ = klmod.SparseKL(qi, ki, ilse, sel, plan, shape.index_scale, 4)
+            sparse_attn.sparse_backward(do, q, k, v, o, lse, None, sel, plan, scale, on_teacher=kl_.chunk)
+            return kl_.result()
+
+        rec("sparse bwd + KL on its teacher", bench(bwd_with_kl), f["bwd"] + f["kl"])
     del o, lse
 
     qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -71,11 +78,21 @@ def run_case(n, kind, args, tri, report):
         for t in (qg, kg, vg, qig, kig):
             t.grad = None
 
-    def msa_layer():
+    def msa_layer_separate_kl():
         clear()
         s_, il_ = tri.select_blocks(qig, kig, cu, shape)
         o_, l_ = tri.sparse_attention(qg, kg, vg, s_, cu, shape)
         kl_ = tri.indexer_kl(qg, kg, l_, qig, kig, il_, s_, cu, shape)
+        torch.autograd.backward([o_, kl_], [do, one])
+
+    def msa_layer():
+        """The layer as training runs it (model/attention.py): the KL built in the attention backward."""
+        clear()
+        s_, il_ = tri.select_blocks(qig, kig, cu, shape)
+        fused = ops.sparse_attention_with_kl(qg, kg, vg, qig, kig, s_, il_, cu, shape, "triton", 4)
+        if fused is None:
+            return msa_layer_separate_kl()
+        o_, kl_, _ = fused
         torch.autograd.backward([o_, kl_], [do, one])
 
     inputs = sum(t.numel() * t.element_size() for t in (q, k, v, qi, ki, do)) / 2**30
@@ -86,6 +103,8 @@ def run_case(n, kind, args, tri, report):
     report(f"  {n:>6} {kind:<6} MSA layer breakdown (ms): " + ", ".join(f"{key} {val:.2f}" for key, val in breakdown.items()))
     rec("MSA layer fwd+bwd", ms, layer_flops, layer_gib=round(gib + inputs, 2), host_syncs=host_syncs(msa_layer),
         breakdown={key: round(val, 3) for key, val in breakdown.items()})
+    rec("MSA layer fwd+bwd, KL in its own pass", bench(msa_layer_separate_kl, max_reps=10), layer_flops,
+        layer_gib=round(peak_gib(msa_layer_separate_kl) + inputs, 2))
     del qg, kg, vg, qig, kig
     torch.cuda.empty_cache()
     run_warmup(n, kind, x, shape, f, rec, tri, cudnn_baseline=False)

@@ -72,6 +72,7 @@ def markdown(results):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
         ratio_row("cuDNN dense fwd+bwd / MSA layer fwd+bwd", DENSE, MSA)
+        ratio_row("same, KL in its own pass (before round 4)", DENSE, MSA + ", KL in its own pass")
         ratio_row("dense warm-up layer / cuDNN dense fwd+bwd", WARMUP, DENSE)
         ratio_row("our dense attention (attention=gqa) / cuDNN dense fwd+bwd", "dense attention fwd+bwd", DENSE)
         ratio_row("naive select / select_blocks", "naive: block scores + torch.topk", "select_blocks total")

@@ -8,7 +8,7 @@ import json
 from tools.bench.common import BK, TOPK, bench, flops, make_inputs, shape_of
 
 
-FAMILIES = ("select", "fwd", "bwd", "kl", "dense_kl", "dqi_sum")
+FAMILIES = ("select", "fwd", "bwd", "kl", "kl_teacher", "dense_kl", "dqi_sum")
 
 
 def tune(n, tri, report, apply=True, families=FAMILIES):
@@ -80,6 +80,18 @@ def tune(n, tri, report, apply=True, families=FAMILIES):
             dict(query_rows, kl_split=1, kl_rows=64, kl_warps=8, kl_stages=3),
             dict(keys_rows, kl_split=2, kl_rows=64, kl_warps=4, kl_stages=3),
         ], sparse_kl, f["kl"], "kl", check=_same_as(sparse_kl()))
+    if "kl_teacher" in families and sparse_attn.teacher_in_backward(q.shape[1] // k.shape[1]):
+        def bwd_with_kl():  # the training path: the KL on the teacher the attention backward built
+            acc = klmod.SparseKL(qi, ki, ilse, sel, plan, iscale, 4)
+            sparse_attn.sparse_backward(do, q, k, v, o, lse, None, sel, plan, scale, on_teacher=acc.chunk)
+            return acc.result()
+
+        variants(klmod.CONFIG, [
+            dict(kt_split=2, kt_rows=64, kt_warps=4), dict(kt_split=1, kt_rows=64, kt_warps=4),
+            dict(kt_split=1, kt_rows=64, kt_warps=8), dict(kt_split=1, kt_rows=32, kt_warps=4),
+            dict(kt_split=2, kt_rows=64, kt_warps=4, kt_query_rows=False),
+        ], bwd_with_kl, f["bwd"] + f["kl"], "kl_teacher",
+            check=_same_as(klmod.sparse_kl(q, k, lse, qi, ki, ilse, sel, plan, scale, iscale, 4)))
     if "dense_kl" in families or "dqi_sum" in families:
         dense_kl = lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, iscale, 4)
         same_as_default = _same_as(dense_kl())

@@ -16,6 +16,10 @@ documents over the key rows. The KL is normalised by T * total_groups.
 - indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu, shape, total_groups) -> KL scalar, whose
   backward reaches qi, ki only. topk None: dense-warm-up support (index_lse is then ignored and
   computed here). The forward pass computes the value and both gradients at once.
+- sparse_attention_kl(q, k, v, qi, ki, topk, index_lse, cu, shape, total_groups, value_out) ->
+  (o, lse, kl handle): sparse_attention whose backward also computes the sparse KL (value into
+  value_out, gradients to qi, ki through the handle); see attention_kl.py. Needs
+  kl_in_backward(heads per group).
 
 Kernel layout: indexer.py (select + index lse), plan.py (CSR), sparse_attn.py,
 dense_attn.py, kl.py. Packed THD inputs; block size a power of two >= 16.
@@ -27,6 +31,7 @@ import math
 
 import torch
 
+from msa_megatron.ops.triton.attention_kl import SparseAttentionKL
 from msa_megatron.ops.triton.common import check_block_size, query_chunk
 from msa_megatron.ops.triton.dense_attn import DenseAttention
 from msa_megatron.ops.triton.indexer import index_lse as _index_lse
@@ -34,9 +39,11 @@ from msa_megatron.ops.triton.indexer import select_topk
 from msa_megatron.ops.triton.kl import IndexerKL, dense_kl, sparse_kl
 from msa_megatron.ops.triton.plan import get_plan
 from msa_megatron.ops.triton.rows import block_rows, positions
-from msa_megatron.ops.triton.sparse_attn import SparseAttention
+from msa_megatron.ops.triton.sparse_attn import CONFIG as SPARSE_CONFIG
+from msa_megatron.ops.triton.sparse_attn import SparseAttention, teacher_in_backward
 
-__all__ = ["select_blocks", "sparse_attention", "dense_attention", "indexer_kl", "plan_for"]
+__all__ = ["select_blocks", "sparse_attention", "sparse_attention_kl", "kl_in_backward", "dense_attention", "indexer_kl",
+           "plan_for"]
 
 
 def _scale(value, dim):
@@ -69,6 +76,21 @@ def sparse_attention(q, k, v, topk, cu_seqlens, shape, qpos=None):
     topk = _selection(topk)
     plan = get_plan(topk, _cu(cu_seqlens, q.device), shape.block_size, query_chunk(topk.shape[1]), k.shape[0], qpos)
     return SparseAttention.apply(q, k, v, topk, plan, _scale(shape.softmax_scale, q.shape[-1]))
+
+
+def kl_in_backward(heads_per_group: int) -> bool:
+    """Whether sparse_attention_kl serves this layout (and the knob SPARSE_CONFIG['kl_in_backward'] is on)."""
+    return bool(SPARSE_CONFIG["kl_in_backward"]) and teacher_in_backward(heads_per_group)
+
+
+def sparse_attention_kl(q, k, v, qi, ki, topk, index_lse, cu_seqlens, shape, total_groups, value_out, qpos=None):
+    check_block_size(shape.block_size)
+    topk = _selection(topk)
+    plan = get_plan(topk, _cu(cu_seqlens, q.device), shape.block_size, query_chunk(topk.shape[1]), k.shape[0], qpos)
+    return SparseAttentionKL.apply(
+        q, k, v, qi, ki, topk, plan, _scale(shape.softmax_scale, q.shape[-1]), index_lse,
+        _scale(shape.index_scale, qi.shape[-1]), int(total_groups), value_out,
+    )
 
 
 def dense_attention(q, k, v, cu_seqlens, shape, qpos=None):

@@ -28,7 +28,8 @@ LN2 = 0.6931471805599453
 ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index scores only)
 
 # Launch knobs (H200, Hq 64 / Hkv 4 / d 128). Both KL kernels run the same step (_kl_step):
-# *_rows = queries per step, *_query_rows its tile orientation, *_warps / *_stages as usual.
+# *_rows = queries per step, *_query_rows its tile orientation, *_warps / *_stages as usual; kt_*:
+# the sparse kernel when the attention backward built the teacher (SparseKL without q).
 # Sparse: kl_split cuts each 128-key block into that many key slices, one program each (fewer
 # registers; each slice writes its own dqi partial). Dense: dense_block = keys per program,
 # dense_tma loads Q tiles with the tensor-memory accelerator (a host-side descriptor; rows of the
@@ -38,6 +39,7 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 # segment; fp32 partials added in a fixed order).
 CONFIG = {
     "kl_rows": 64, "kl_warps": 4, "kl_stages": 3, "kl_split": 2, "kl_query_rows": True,
+    "kt_rows": 64, "kt_warps": 4, "kt_stages": 3, "kt_split": 2, "kt_query_rows": True,
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
     "dense_tma": True, "dense_lse_heads_major": True,
     "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024,
@@ -49,18 +51,20 @@ CONFIG = {
 
 @triton.jit
 def _kl_sparse_kernel(
-    Q, K, QI, KI, LSE, ILSE, DQI_part, DKI_ws, KL_tile, QPOS,
+    Q, K, QI, KI, LSE, ILSE, DQI_part, DKI_ws, KL_tile, QPOS, TEACHER,
     tiles, entry_tok, entry_slot, row_key_start, row_key_end,
     tile0, q0,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
-    stride_lt, stride_lh, stride_ig, stride_ps, stride_pt, stride_pg, stride_px,
+    stride_lt, stride_lh, stride_ig, stride_ps, stride_pt, stride_pg, stride_px, stride_ts, stride_tt, stride_tg,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_QPOS: tl.constexpr,
-    QUERY_ROWS: tl.constexpr,
+    QUERY_ROWS: tl.constexpr, FROM_TEACHER: tl.constexpr,
 ):
     """One plan tile's key slice x (program_id 1 of SPLIT slices of BLOCK_N keys): BLOCK_M of the
     tile's queries per step, each step the same teacher/student/ds step as the dense pass.
+    FROM_TEACHER: the teacher comes from TEACHER[slot, query - q0, g, key of the block] (written by
+    the attention backward), so K, Q and the main lse are not read.
 
     dki of the slice accumulates in registers and goes to the tile's workspace rows; each (query,
     slot)'s dqi share of the slice goes to its partial (one per slice, summed by slot_sum).
@@ -77,10 +81,14 @@ def _kl_sparse_kernel(
     key_tok = key_start + x * BLOCK_N + offs_n
     key_ok = key_tok < key_end
     kt = key_tok.to(tl.int64)
-    k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if FROM_TEACHER:
+        k = key_tok  # unused
+    else:
+        k = tl.load(K + kt[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     ki = tl.load(KI + kt[:, None] * stride_kit + offs_i[None, :], mask=key_ok[:, None] & i_ok[None, :], other=0.0)
     dki = tl.zeros([BLOCK_N, DIP], tl.float32)
     kl = tl.zeros([BLOCK_M], tl.float32)
+    key_in_block = x * BLOCK_N + offs_n
 
     offs_m = tl.arange(0, BLOCK_M)
     for s0 in range(0, cnt, BLOCK_M):
@@ -88,10 +96,15 @@ def _kl_sparse_kernel(
         tok = tl.load(entry_tok + e0 + s0 + offs_m, mask=ok, other=0)
         slot = tl.load(entry_slot + e0 + s0 + offs_m, mask=ok, other=0)
         pos = key_pos(QPOS, tok, ok, HAS_QPOS)
+        toff = slot.to(tl.int64) * stride_ts + (tok.to(tl.int64) - q0) * stride_tt + g * stride_tg
+        if QUERY_ROWS:
+            teacher_ptr = TEACHER + toff[:, None] + key_in_block[None, :]
+        else:
+            teacher_ptr = TEACHER + toff[None, :] + key_in_block[:, None]
         dki_share, dqi, kl_share = _kl_step(
             Q, Q, QI, LSE, ILSE, k, ki, key_tok, key_ok, tok, 0, ok, pos, g,
             stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_lh, stride_ig, qk_scale, iqk_scale,
-            HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, False,
+            HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, False, teacher_ptr, FROM_TEACHER,
         )
         dki += dki_share
         kl += kl_share
@@ -102,60 +115,87 @@ def _kl_sparse_kernel(
     tl.store(KL_tile + t * SPLIT + x, tl.sum(kl, 0) * 0.6931471805599453)
 
 
-def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scale, index_scale, total_groups):
-    """(KL value, dqi, dki) of the sparse stage; grads are for a KL of weight 1.
+class SparseKL:
+    """The sparse-stage KL, one query chunk at a time: (value, dqi, dki) once every chunk ran.
 
-    Normalised by the key-row count (all tokens of the micro-batch) times total_groups, so ranks
-    that hold a subset of the queries (plan.qpos) or of the groups sum to the whole KL.
+    Grads are for a KL of weight 1, normalised by the key-row count (all tokens of the micro-batch)
+    times total_groups, so ranks that hold a subset of the queries (plan.qpos) or of the groups sum
+    to the whole KL. q, k, lse: the teacher's inputs, unused when each chunk gets its teacher
+    (built by the attention backward, sparse_attn.sparse_backward's on_teacher).
     """
-    total, hq, d = q.shape
-    n_keys = k.shape[0]
-    groups, di = qi.shape[1], qi.shape[2]
-    r = hq // groups
-    nslot = topk.shape[-1]
-    D, DIP = max(16, next_pow2(d)), max(16, next_pow2(di))
-    ki2 = ki.reshape(n_keys, di).contiguous()
-    index_lse = index_lse.to(torch.float32).contiguous()
-    lse = lse.contiguous()
-    grad_scale = index_scale / (n_keys * total_groups)
-    dqi = new_buffer((total, groups, di), torch.float32, q.device)
-    dki = torch.zeros((n_keys, 1, di), dtype=torch.float32, device=q.device)
-    tiles = plan.tiles["kl"]
-    cfg = CONFIG
-    # key slices: a power of two (a power-of-two block stays power-of-two sliced), at least 16 keys each
-    split = max(1, min(next_pow2(int(cfg["kl_split"]) + 1) // 2, plan.block_size // 16))
-    kl_tile = torch.zeros(max(1, plan.n_chunks * tiles.cap * split), dtype=torch.float32, device=q.device)
-    if total == 0:
-        return kl_tile.sum(), dqi, dki
-    # [slice, slot, query row of the chunk, group, di]
-    dqi_part = new_buffer((split, nslot, plan.chunk, groups, di), torch.float32, q.device)
-    for c in range(plan.n_chunks):
+
+    def __init__(self, qi, ki, index_lse, topk, plan: SparsePlan, index_scale, total_groups, q=None, k=None, lse=None,
+                 softmax_scale=1.0):
+        self.n_keys, self.groups, self.di = ki.shape[0], qi.shape[1], qi.shape[2]
+        self.qi, self.ki2 = qi, ki.reshape(self.n_keys, self.di).contiguous()
+        self.index_lse = index_lse.to(torch.float32).contiguous()
+        self.q, self.k, self.lse = q, k, (None if lse is None else lse.contiguous())
+        self.topk, self.plan, self.total_groups = topk, plan, total_groups
+        self.scales = (softmax_scale * LOG2E, index_scale * LOG2E)
+        self.grad_scale = index_scale / (self.n_keys * total_groups)
+        self.DIP = max(16, next_pow2(self.di))
+        dev = qi.device
+        self.dqi = new_buffer((qi.shape[0], self.groups, self.di), torch.float32, dev)
+        self.dki = torch.zeros((self.n_keys, 1, self.di), dtype=torch.float32, device=dev)
+        self.tiles = plan.tiles["kl"]
+        self.knob = "kt_" if q is None else "kl_"  # teacher given per chunk, or computed here
+        # key slices: a power of two (a power-of-two block stays power-of-two sliced), at least 16 keys each
+        self.split = max(1, min(next_pow2(int(CONFIG[self.knob + "split"]) + 1) // 2, plan.block_size // 16))
+        self.kl_tile = torch.zeros(max(1, plan.n_chunks * self.tiles.cap * self.split), dtype=torch.float32, device=dev)
+        # [slice, slot, query row of the chunk, group, di]
+        self.dqi_part = new_buffer((self.split, topk.shape[-1], plan.chunk, self.groups, self.di), torch.float32, dev) \
+            if qi.shape[0] else None
+
+    def chunk(self, c: int, teacher=None):
+        plan, tiles, qi, ki2 = self.plan, self.tiles, self.qi, self.ki2
+        cfg = {key: CONFIG[self.knob + key] for key in ("rows", "warps", "stages", "query_rows")}
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
-        ws = new_buffer((t1 - t0, plan.block_size, DIP), torch.float32, q.device)
+        from_teacher = teacher is not None
+        if from_teacher != (self.q is None):
+            raise ValueError("SparseKL: pass a teacher to every chunk exactly when q, k, lse were not given")
+        q, k, lse = (qi, ki2, self.index_lse) if from_teacher else (self.q, self.k, self.lse)
+        hq, d = (self.groups, self.di) if from_teacher else (q.shape[1], q.shape[2])
+        t = teacher if from_teacher else self.dqi_part
+        ws = new_buffer((t1 - t0, plan.block_size, self.DIP), torch.float32, qi.device)
+        dqi_part = self.dqi_part
         args = (
-            q, k, qi, ki2, lse, index_lse, dqi_part, ws, kl_tile, plan.qpos_arg(lse),
+            q, k, qi, ki2, lse, self.index_lse, dqi_part, ws, self.kl_tile, plan.qpos_arg(self.index_lse), t,
             tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
             t0, q0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-            lse.stride(0), lse.stride(1), index_lse.stride(0), dqi_part.stride(1), dqi_part.stride(2), dqi_part.stride(3),
-            dqi_part.stride(0), softmax_scale * LOG2E, index_scale * LOG2E,
+            lse.stride(0), lse.stride(1), self.index_lse.stride(0), dqi_part.stride(1), dqi_part.stride(2),
+            dqi_part.stride(3), dqi_part.stride(0), t.stride(0), t.stride(1), t.stride(2), *self.scales,
         )
-        with timed("KL sparse kernel"):
-            _kl_sparse_kernel[(t1 - t0, split)](
-                *args, HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_M=cfg["kl_rows"], BLOCK_N=plan.block_size // split,
-                SPLIT=split, HAS_QPOS=plan.has_qpos, QUERY_ROWS=cfg["kl_query_rows"],
-                num_warps=cfg["kl_warps"], num_stages=cfg["kl_stages"],
+        with timed("KL sparse kernel (teacher given)" if from_teacher else "KL sparse kernel"):
+            _kl_sparse_kernel[(t1 - t0, self.split)](
+                *args, HEAD_DIM=d, D=max(16, next_pow2(d)), DI=self.di, DIP=self.DIP, R=max(1, hq // self.groups),
+                BLOCK_M=cfg["rows"], BLOCK_N=plan.block_size // self.split, SPLIT=self.split,
+                HAS_QPOS=plan.has_qpos, QUERY_ROWS=cfg["query_rows"], FROM_TEACHER=from_teacher,
+                num_warps=cfg["warps"], num_stages=cfg["stages"],
             )
         with timed("KL dki workspace sum"):
             _block_ws_sum_kernel[(plan.n_rows, 1)](
-                ws, dki, tiles.seg_tile_first, tiles.seg_tile_count, plan.row_key_start, plan.row_key_end,
-                c * groups * plan.n_rows, t0, plan.n_rows, groups, dki.stride(0), dki.stride(1),
-                HEAD_DIM=di, D=DIP, BLOCK_N=plan.block_size, ALL_GROUPS=True, SKIP_SINGLE=False, num_warps=8,
+                ws, self.dki, tiles.seg_tile_first, tiles.seg_tile_count, plan.row_key_start, plan.row_key_end,
+                c * self.groups * plan.n_rows, t0, plan.n_rows, self.groups, self.dki.stride(0), self.dki.stride(1),
+                HEAD_DIM=self.di, D=self.DIP, BLOCK_N=plan.block_size, ALL_GROUPS=True, SKIP_SINGLE=False, num_warps=8,
             )
-        slot_sum(dqi_part, topk, dqi, q0, q1, grad_scale, 1)
-    value = kl_tile.sum() / (n_keys * total_groups)
-    return value, dqi, dki * grad_scale
+        slot_sum(dqi_part, self.topk, self.dqi, q0, q1, self.grad_scale, 1)
+
+    def result(self):
+        if self.dqi_part is None:  # no queries on this rank
+            return self.kl_tile.sum(), self.dqi, self.dki
+        value = self.kl_tile.sum() / (self.n_keys * self.total_groups)
+        return value, self.dqi, self.dki * self.grad_scale
+
+
+def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scale, index_scale, total_groups):
+    """(KL value, dqi, dki) of the sparse stage, the teacher computed here (see SparseKL)."""
+    acc = SparseKL(qi, ki, index_lse, topk, plan, index_scale, total_groups, q, k, lse, softmax_scale)
+    if qi.shape[0]:
+        for c in range(plan.n_chunks):
+            acc.chunk(c)
+    return acc.result()
 
 
 # --------------------------------------------------------------------------- dense (warm-up) support
@@ -233,13 +273,15 @@ def _kl_step(
     stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_lh, stride_ig,
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
-    QUERY_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
+    QUERY_ROWS: tl.constexpr, USE_TMA: tl.constexpr, teacher_ptr, FROM_TEACHER: tl.constexpr,
 ):
     """One (key tile, query tile) step: (dki share [N, DI], dqi share [M, DI], KL terms [M], log2).
 
     The teacher sums the r heads' probabilities in one tile; QUERY_ROWS picks its orientation
     ([queries, keys]: Q_h is the streamed left operand; [keys, queries]: K is). With USE_TMA the
     query rows are m0 + arange (contiguous) and Q_h comes through the descriptor. Both exact.
+    FROM_TEACHER: the teacher was already built (by the attention backward) and is loaded through
+    teacher_ptr, a pointer tile of the step's orientation; Q and LSE are then unused.
     """
     offs_i = tl.arange(0, DIP)
     qt = qrow.to(tl.int64)
@@ -251,10 +293,13 @@ def _kl_step(
     else:
         p_t = tl.zeros([key_tok.shape[0], qrow.shape[0]], tl.float32)
         visible = (key_tok[:, None] <= pos[None, :]) & key_ok[:, None] & ok[None, :]
-    for h in range(R):
-        p_t += tl.exp2(_head_scores(Q, Q_desc, LSE, g * R + h, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, stride_lh, qk_scale,
-                                    HEAD_DIM, D, QUERY_ROWS, USE_TMA))
-    p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
+    if FROM_TEACHER:
+        p_t = tl.load(teacher_ptr, mask=visible, other=0.0)
+    else:
+        for h in range(R):
+            p_t += tl.exp2(_head_scores(Q, Q_desc, LSE, g * R + h, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, stride_lh,
+                                        qk_scale, HEAD_DIM, D, QUERY_ROWS, USE_TMA))
+        p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
     if QUERY_ROWS:
         s_idx = tl.dot(qi, tl.trans(ki)) * iqk_scale - ilse[:, None]  # log2 P_idx
         p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
@@ -314,7 +359,7 @@ def _kl_dense_kernel(
             dki_share, dqi, kl_share = _kl_step(
                 Q, Q_desc, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, m0, ok, pos, g,
                 stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_lh, stride_ig, qk_scale, iqk_scale,
-                HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, USE_TMA,
+                HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, USE_TMA, Q, False,
             )
             dki += dki_share
             kl += kl_share

@@ -26,11 +26,12 @@ LN2 = 0.6931471805599453
 
 # Launch knobs (fastest on an H200 for Hq 64 / Hkv 4 / d 128, tools/bench_kernels.py --autotune).
 # rows = (query, head) rows per product. dq_part_fp32: keep dQ partials in fp32 (2x the buffer and
-# its traffic, slightly smaller error; default bf16).
+# its traffic, slightly smaller error; default bf16). kl_in_backward: training steps of the sparse
+# stage build the KL teacher in this backward (attention_kl.py) instead of a separate KL pass.
 CONFIG = {
     "fwd_rows": 64, "fwd_warps": 4, "fwd_stages": 1,
     "bwd_rows": 64, "bwd_warps": 8, "bwd_stages": 3,
-    "dq_part_fp32": False,
+    "dq_part_fp32": False, "kl_in_backward": True,
 }
 
 
@@ -218,20 +219,24 @@ def attention_delta(o, do, dlse):
 
 @triton.jit
 def _sparse_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ_part, DK_ws, DV_ws, DK_acc, DV_acc, QPOS,
+    Q, K, V, DO, LSE, DELTA, DQ_part, DK_ws, DV_ws, DK_acc, DV_acc, QPOS, TEACHER,
     tiles, entry_tok, entry_slot, row_key_start, row_key_end, seg_tile_count,
     tile0, q0, seg0, n_rows,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_lt, stride_ps, stride_pt, stride_ph, stride_at, stride_ag,
+    stride_lt, stride_ps, stride_pt, stride_ph, stride_at, stride_ag, stride_ts, stride_tt, stride_tg,
     sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr, WITH_TEACHER: tl.constexpr,
 ):
     """Keys are the rows of every product here (S^T = K Q^T), so dK/dV accumulate in place.
 
     A block whose queries (in this chunk) fit one tile adds its dK/dV straight into the fp32
     accumulators (it is their only writer in this launch); otherwise the tile's share goes to a
     workspace that _block_ws_sum_kernel adds in a fixed order.
+
+    WITH_TEACHER (R a power of two, BLOCK_M = BQ * R): the step's probabilities are also the KL
+    teacher's: their mean over each query's r heads goes to TEACHER[slot, query - q0, g, key], so
+    the KL needs no second pass over the main scores.
     """
     tl_local = tl.program_id(0)
     t = tile0 + tl_local
@@ -268,6 +273,15 @@ def _sparse_bwd_kernel(
         s_t = tl.dot(k, tl.trans(q))  # [N, M]
         visible = (key_tok[:, None] <= key_pos(QPOS, tok, ok, HAS_QPOS)[None, :]) & key_ok[:, None] & ok[None, :]
         p_t = tl.where(visible, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        if WITH_TEACHER:
+            # column m of p_t is query m // R, head m % R: the mean over heads is a reshape + sum
+            teach = tl.sum(tl.reshape(p_t, [BLOCK_N, BQ, R]), 2) * (1.0 / R)
+            j = tl.arange(0, BQ)
+            ej_ok = s0 + j < cnt
+            tj = tl.load(entry_tok + e0 + s0 + j, mask=ej_ok, other=q0).to(tl.int64)
+            sj = tl.load(entry_slot + e0 + s0 + j, mask=ej_ok, other=0).to(tl.int64)
+            toff = sj * stride_ts + (tj - q0) * stride_tt + g * stride_tg
+            tl.store(TEACHER + toff[None, :] + offs_n[:, None], teach, mask=key_ok[:, None] & ej_ok[None, :])
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
@@ -375,7 +389,15 @@ def _block_ws_sum_kernel(
         tl.store(ptr, acc, mask=mask)
 
 
-def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_scale: float):
+def teacher_in_backward(r: int) -> bool:
+    """The backward can hand the KL its teacher when a step's rows are whole queries' r heads."""
+    return r & (r - 1) == 0 and max(CONFIG["bwd_rows"], r) % r == 0
+
+
+def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_scale: float, on_teacher=None):
+    """(dq, dk, dv). on_teacher(c, teacher): called after query chunk c's kernel with the KL
+    teacher of its entries, [k, chunk, G, Bk] fp32 (mean over heads; 0 where not visible); the
+    buffer is reused by the next chunk. Needs teacher_in_backward(r)."""
     total, hq, d = q.shape
     groups = k.shape[1]
     r = hq // groups
@@ -394,6 +416,10 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
     block_m = max(cfg["bwd_rows"], next_pow2(r))
     tiles = plan.tiles["bwd"]
     bn = plan.block_size
+    with_teacher = on_teacher is not None
+    if with_teacher and not teacher_in_backward(r):
+        raise ValueError(f"the backward cannot build the KL teacher for {r} heads per group")
+    teacher = new_buffer((nslot, chunk, groups, bn), torch.float32, q.device) if with_teacher else dq_part
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
@@ -403,16 +429,17 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
             seg0 = c * groups * plan.n_rows
             with timed("sparse bwd kernel"):
                 _sparse_bwd_kernel[(t1 - t0,)](
-                    q, k, v, do, lse, delta, dq_part, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse),
+                    q, k, v, do, lse, delta, dq_part, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse), teacher,
                     tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
                     tiles.seg_tile_count,
                     t0, q0, seg0, plan.n_rows,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     do.stride(0), do.stride(1), lse.stride(0),
                     dq_part.stride(0), dq_part.stride(1), dq_part.stride(2), dk_acc.stride(0), dk_acc.stride(1),
+                    teacher.stride(0), teacher.stride(1), teacher.stride(2),
                     softmax_scale, softmax_scale * LOG2E,
                     HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=bn, HAS_QPOS=plan.has_qpos,
-                    num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
+                    WITH_TEACHER=with_teacher, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
                 )
             for ws, acc in ((dk_ws, dk_acc), (dv_ws, dv_acc)):
                 with timed("bwd dK/dV workspace sum"):
@@ -421,6 +448,8 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
                         seg0, t0, plan.n_rows, groups, acc.stride(0), acc.stride(1),
                         HEAD_DIM=d, D=D, BLOCK_N=bn, ALL_GROUPS=False, SKIP_SINGLE=True, num_warps=8,
                     )
+            if with_teacher:
+                on_teacher(c, teacher)
         slot_sum(dq_part, topk, dq, q0, q1, 1.0, r)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
