@@ -349,12 +349,14 @@ else:
         monkeypatch.setitem(klmod.CONFIG, knob + "split", split)
         monkeypatch.setitem(klmod.CONFIG, knob + "query_rows", query_rows)
         monkeypatch.setitem(klmod.CONFIG, knob + "rows", 16)
-        monkeypatch.setattr(plan_mod, "TILE_QUERIES", {"fwd": 128, "bwd": 256, "kl": 20, "ilse": 256})
+        monkeypatch.setitem(klmod.CONFIG, "kt_tiles", "bwd" if split == 1 else "kl")  # either tile list
+        monkeypatch.setattr(plan_mod, "TILE_QUERIES", {"fwd": 128, "bwd": 24, "kl": 20, "ilse": 256})
         bk, lengths = 32, [1, 31, 32, 33, 90, 150]  # blocks of 32 keys: two slices of 16 (the smallest product)
         q, k, v, qi, ki, cu = make(lengths, 4, 2, seed=15)
         sh = MSAShape(bk, 3, 1 / math.sqrt(16), 1 / math.sqrt(16), max(lengths))
         sel, ilse = tri.select_blocks(qi, ki, cu, sh)
-        assert plan_mod.get_plan(sel, cu, bk, 48).tiles["kl"].seg_tile_count.max().item() > 1
+        tiles = plan_mod.get_plan(sel, cu, bk, 48).tiles
+        assert tiles["kl"].seg_tile_count.max().item() > 1 and tiles["bwd"].seg_tile_count.max().item() > 1
         if not in_backward:
             _, lse = tri.sparse_attention(q, k, v, sel, cu, sh)
             check_kl_against_reference(q, k, lse, qi, ki, ilse, sel, cu, sh, bk)

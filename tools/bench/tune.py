@@ -87,9 +87,8 @@ def tune(n, tri, report, apply=True, families=FAMILIES):
             return acc.result()
 
         variants(klmod.CONFIG, [
-            dict(kt_split=2, kt_rows=64, kt_warps=4), dict(kt_split=1, kt_rows=64, kt_warps=4),
-            dict(kt_split=1, kt_rows=64, kt_warps=8), dict(kt_split=1, kt_rows=32, kt_warps=4),
-            dict(kt_split=2, kt_rows=64, kt_warps=4, kt_query_rows=False),
+            dict(kt_tiles=tiles, kt_split=split, kt_rows=rows, kt_warps=4, kt_stages=stages)
+            for tiles in ("kl", "bwd") for split, rows in ((1, 32), (2, 32), (1, 16)) for stages in (2, 3)
         ], bwd_with_kl, f["bwd"] + f["kl"], "kl_teacher",
             check=_same_as(klmod.sparse_kl(q, k, lse, qi, ki, ilse, sel, plan, scale, iscale, 4)))
     if "dense_kl" in families or "dqi_sum" in families:

@@ -29,7 +29,8 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 
 # Launch knobs (H200, Hq 64 / Hkv 4 / d 128). Both KL kernels run the same step (_kl_step):
 # *_rows = queries per step, *_query_rows its tile orientation, *_warps / *_stages as usual; kt_*:
-# the sparse kernel when the attention backward built the teacher (SparseKL without q).
+# the sparse kernel when the attention backward built the teacher (SparseKL without q); kt_tiles
+# names the plan's tile list it runs over ("kl": 128 entries a tile, "bwd": 256, fewer dki partials).
 # Sparse: kl_split cuts each 128-key block into that many key slices, one program each (fewer
 # registers; each slice writes its own dqi partial). Dense: dense_block = keys per program,
 # dense_tma loads Q tiles with the tensor-memory accelerator (a host-side descriptor; rows of the
@@ -39,7 +40,7 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 # segment; fp32 partials added in a fixed order).
 CONFIG = {
     "kl_rows": 64, "kl_warps": 4, "kl_stages": 3, "kl_split": 2, "kl_query_rows": True,
-    "kt_rows": 64, "kt_warps": 4, "kt_stages": 3, "kt_split": 2, "kt_query_rows": True,
+    "kt_rows": 32, "kt_warps": 4, "kt_stages": 3, "kt_split": 1, "kt_query_rows": True, "kt_tiles": "kl",
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
     "dense_tma": True, "dense_lse_heads_major": True,
     "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024,
@@ -137,8 +138,8 @@ class SparseKL:
         dev = qi.device
         self.dqi = new_buffer((qi.shape[0], self.groups, self.di), torch.float32, dev)
         self.dki = torch.zeros((self.n_keys, 1, self.di), dtype=torch.float32, device=dev)
-        self.tiles = plan.tiles["kl"]
         self.knob = "kt_" if q is None else "kl_"  # teacher given per chunk, or computed here
+        self.tiles = plan.tiles[CONFIG["kt_tiles"] if q is None else "kl"]
         # key slices: a power of two (a power-of-two block stays power-of-two sliced), at least 16 keys each
         self.split = max(1, min(next_pow2(int(CONFIG[self.knob + "split"]) + 1) // 2, plan.block_size // 16))
         self.kl_tile = torch.zeros(max(1, plan.n_chunks * self.tiles.cap * self.split), dtype=torch.float32, device=dev)
