@@ -130,6 +130,35 @@ def test_kl_is_recorded_per_layer_and_nonnegative():
         assert m.stats.count == 1 and m.stats.kl_sum.item() > 0
 
 
+def test_sparse_kl_value_arrives_with_the_backward(monkeypatch):
+    """Sparse-stage training steps take the KL from the attention backward (ops.sparse_attention_with_kl):
+    the logged value is unknown (NaN) until the backward ran, then equals the separate ops' value,
+    and every gradient equals theirs."""
+    from msa_megatron import ops
+
+    cfg = config()
+    model = build(cfg)
+    set_sparse_stage(model, True)
+    b = batch(cfg)
+    KLLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    layers = msa_core_attentions(model)
+    loss = lm_loss(model, b)
+    assert all(m.stats.count == 1 and torch.isnan(m.stats.kl_sum) for m in layers)
+    loss.backward()
+    in_backward = [m.stats.kl_sum.item() for m in layers]
+    grads_in_backward = grads(model)
+    for m in layers:
+        m.stats.reset()
+    for p in model.parameters():
+        p.grad = None
+    monkeypatch.setattr(ops, "sparse_attention_with_kl", lambda *args, **kwargs: None)
+    lm_loss(model, b).backward()
+    separate = [m.stats.kl_sum.item() for m in layers]
+    assert all(v > 0 for v in separate) and in_backward == pytest.approx(separate, rel=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(grads_in_backward[name], g, rtol=1e-5, atol=1e-8, msg=name)
+
+
 def test_kl_gradient_is_averaged_over_microbatches():
     """Two identical micro-batches through megatron-core's schedule give the one-micro-batch gradient."""
     from functools import partial

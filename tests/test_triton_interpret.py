@@ -227,7 +227,6 @@ else:
         sh = shape(16, 16, 2, [40])
         sel, ilse = tri.select_blocks(qi, ki, cu, sh)
         assert ops.sparse_attention_with_kl(q, kk, v, qi, ki, sel, ilse, cu, sh, "triton", 1) is None
-        assert ops.sparse_attention_with_kl(q, kk, v, qi, ki, sel, ilse, cu, sh, "reference", 1) is None
 
     def test_kl_is_zero_when_student_is_teacher():
         lengths = [40, 9]

@@ -9,7 +9,7 @@ reference elsewhere. All tensors are packed THD (see ops/reference.py for shapes
 - ``dense_attention``  causal attention inside each document: (o, lse), differentiable in q, k, v
 - ``indexer_kl``       KL(teacher || index) scalar, differentiable in qi, ki only
 - ``sparse_attention_with_kl`` both of the sparse stage at once, the KL computed in the attention's
-  backward (training only; None where the backend has no such kernel)
+  backward (training only; None where the Triton backend has no such kernel for the layout)
 - ``selection_recall`` block / score recall of a selection on a deterministic sample of queries
 - ``local_selection`` the local-only baseline's selection (own block + the k-1 before it), any device
 
@@ -113,14 +113,20 @@ def sparse_attention_with_kl(q, k, v, qi, ki, topk, index_lse, cu_seqlens, shape
                              total_groups: int, qpos=None):
     """(o, kl, kl_value) where `kl` (zero) carries the KL's gradient: weight it into the loss; the
     backward then computes the KL's value into `kl_value` (NaN until then) and its gradients to
-    qi, ki. Same value and gradients as sparse_attention + indexer_kl. None when `backend` has no
-    fused kernel for this layout: call those two instead."""
-    if backend != "triton" or not _triton().kl_in_backward(q.shape[1] // k.shape[1]):
-        return None
+    qi, ki. Same value and gradients as sparse_attention + indexer_kl. None when the Triton
+    backend has no fused kernel for this layout: call those two instead."""
     value = torch.full((), float("nan"), dtype=torch.float32, device=q.device)
-    o, _, kl = _triton().sparse_attention_kl(
-        q, k, v, qi, ki, topk, index_lse, cu_seqlens, shape, total_groups, value, **_triton_kwargs(qpos)
-    )
+    if backend == "triton":
+        if not _triton().kl_in_backward(q.shape[1] // k.shape[1]):
+            return None
+        o, _, kl = _triton().sparse_attention_kl(
+            q, k, v, qi, ki, topk, index_lse, cu_seqlens, shape, total_groups, value, **_triton_kwargs(qpos)
+        )
+    else:
+        o, _, kl = reference.sparse_attention_with_kl(
+            q, k, v, qi, ki, topk, cu_seqlens, shape.block_size, shape.softmax_scale, shape.index_scale, total_groups,
+            value, qpos=qpos,
+        )
     return o, kl, value
 
 

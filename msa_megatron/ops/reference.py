@@ -320,6 +320,32 @@ def indexer_kl(
     return acc / (total * total_groups)
 
 
+class _RevealInBackward(torch.autograd.Function):
+    """Identity in gradient; the forward hides the value (0) and the backward writes it to `out`."""
+
+    @staticmethod
+    def forward(ctx, value, out):
+        ctx.value, ctx.out = value.detach(), out
+        return torch.zeros_like(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.out.copy_(ctx.value)
+        return grad, None
+
+
+def sparse_attention_with_kl(q, k, v, qi, ki, topk, cu_seqlens, block_size, softmax_scale, index_scale, total_groups,
+                             value_out, qpos=None):
+    """Twin of the Triton op whose attention backward computes the KL: (o, lse, kl handle).
+
+    Same gradients as sparse_attention + indexer_kl; the handle is 0 and its backward writes the
+    KL value into value_out (the fused kernel only knows it then).
+    """
+    o, lse = sparse_attention(q, k, v, topk, cu_seqlens, block_size, softmax_scale, qpos=qpos)
+    kl = indexer_kl(q, k, qi, ki, cu_seqlens, topk, block_size, softmax_scale, index_scale, total_groups, qpos=qpos)
+    return o, lse, _RevealInBackward.apply(kl, value_out)
+
+
 def indexer_kl_grads(
     q,
     k,
