@@ -109,4 +109,10 @@ def triton_ops_on_rows(tri, q, k, v, qi, ki, do, cu_seqlens, shape, rows=None) -
         kl = tri.indexer_kl(qs, k, lse, qig, kig, support[1], support[0], cu_seqlens, shape, **kw)
         kl.backward()
         out[name] = dict(o=o, lse=lse, dq=qg.grad, dk=kg.grad, dv=vg.grad, kl=kl, dqi=qig.grad, dki=kig.grad)
+    # the training path: the KL computed in the sparse attention's backward
+    qg, kg, vg, qig, kig = [t.clone().requires_grad_(True) for t in (qs, k, v, qis, ki)]
+    value = torch.full((), float("nan"), device=q.device)
+    o, lse, kl = tri.sparse_attention_kl(qg, kg, vg, qig, kig, sel, ilse, cu_seqlens, shape, qi.shape[1], value, **kw)
+    torch.autograd.backward([o, kl], [dos, torch.ones_like(kl)])
+    out["sparse_kl_in_bwd"] = dict(o=o, lse=lse, dq=qg.grad, dk=kg.grad, dv=vg.grad, kl=value, dqi=qig.grad, dki=kig.grad)
     return out

@@ -368,18 +368,18 @@ def test_query_subsets_compute_the_rows_of_the_whole_batch(parts):
 
     run = lambda rows: triton_ops_on_rows(tri, q, k, v, qi, ki, do, cu, shape, rows)
     full = run(None)
-    sums = {name: dict(dk=0.0, dv=0.0, kl=0.0, dki=0.0) for name in ("sparse", "dense")}
+    sums = {name: dict(dk=0.0, dv=0.0, kl=0.0, dki=0.0) for name in ("sparse", "sparse_kl_in_bwd", "dense")}
     for rank in range(parts):
         rows = _zigzag_rows(q.shape[0], parts, rank).to(dev)
         got = run(rows)
         assert torch.equal(got["sel"], full["sel"][:, rows])  # per-row arithmetic: the same picks
         assert rel(got["ilse"], full["ilse"][:, rows]) < 1e-5
-        for name in ("sparse", "dense"):
+        for name in ("sparse", "sparse_kl_in_bwd", "dense"):
             for key in ("o", "lse", "dq", "dqi"):
                 assert rel(got[name][key], full[name][key][rows]) < 1e-2, (name, key)
             for key in sums[name]:
                 sums[name][key] = sums[name][key] + got[name][key].double()
-    for name in ("sparse", "dense"):
+    for name in ("sparse", "sparse_kl_in_bwd", "dense"):
         for key, value in sums[name].items():
             assert rel(value, full[name][key]) < (1e-4 if key == "kl" else TOL), (name, key)
 

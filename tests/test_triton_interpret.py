@@ -278,19 +278,22 @@ else:
 
         run = lambda rows: triton_ops_on_rows(tri, q, k, v, qi, ki, do, cu, sh, rows)
         full = run(None)
-        sums = {name: {key: 0.0 for key in ("dk", "dv", "kl", "dki")} for name in ("sparse", "dense")}
+        for key, value in full["sparse_kl_in_bwd"].items():  # the training path == the separate ops
+            assert rel(value, full["sparse"][key]) < (1e-5 if key == "kl" else 1e-3), key
+        names = ("sparse", "sparse_kl_in_bwd", "dense")
+        sums = {name: {key: 0.0 for key in ("dk", "dv", "kl", "dki")} for name in names}
         for rank in range(parts):
             rows = _zigzag_rows(total, parts, rank)
             got = run(rows)
             assert torch.equal(got["sel"], full["sel"][:, rows])
             assert rel(got["ilse"], full["ilse"][:, rows]) < 1e-6
-            for name in ("sparse", "dense"):
+            for name in names:
                 mine, whole = got[name], full[name]
                 for key in ("o", "lse", "dq", "dqi"):
                     assert rel(mine[key], whole[key][rows]) < 1e-3, (name, key)
                 for key in sums[name]:
                     sums[name][key] = sums[name][key] + mine[key].double()
-        for name in ("sparse", "dense"):  # bf16 gradients: each rank's share is rounded on its own
+        for name in names:  # bf16 gradients: each rank's share is rounded on its own
             for key, value in sums[name].items():
                 assert rel(value, full[name][key]) < (1e-5 if key == "kl" else 1e-2), (name, key)
         want = ref.indexer_kl(q.double(), k.double(), qi.double(), ki.double(), cu, None, BK)
