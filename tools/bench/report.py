@@ -64,15 +64,16 @@ def markdown(results):
                 lines.append(f"| {op} | " + " | ".join(cells) + " |")
         lines += ["", head.format("ratio"), rule]
 
-        def ratio_row(label, num, den, key="ms"):
+        def ratio_row(label, num, den, key="ms", optional=False):
             cells = []
             for c in ctxs:
                 a, b = get(c, num, key), get(c, den, key)
                 cells.append(f"{a / b:.2f}x" if a and b else "-")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            if not optional or any(c != "-" for c in cells):  # optional: rows older results lack
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
         ratio_row("cuDNN dense fwd+bwd / MSA layer fwd+bwd", DENSE, MSA)
-        ratio_row("same, KL in its own pass (before round 4)", DENSE, MSA + ", KL in its own pass")
+        ratio_row("same, KL in its own pass (before round 4)", DENSE, MSA + ", KL in its own pass", optional=True)
         ratio_row("dense warm-up layer / cuDNN dense fwd+bwd", WARMUP, DENSE)
         ratio_row("our dense attention (attention=gqa) / cuDNN dense fwd+bwd", "dense attention fwd+bwd", DENSE)
         ratio_row("naive select / select_blocks", "naive: block scores + torch.topk", "select_blocks total")
