@@ -40,7 +40,7 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 # segment; fp32 partials added in a fixed order).
 CONFIG = {
     "kl_rows": 64, "kl_warps": 4, "kl_stages": 3, "kl_split": 2, "kl_query_rows": True,
-    "kt_rows": 32, "kt_warps": 4, "kt_stages": 3, "kt_split": 1, "kt_query_rows": True, "kt_tiles": "kl",
+    "kt_rows": 16, "kt_warps": 4, "kt_stages": 3, "kt_split": 1, "kt_query_rows": True, "kt_tiles": "bwd",
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
     "dense_tma": True, "dense_lse_heads_major": True,
     "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024,
@@ -144,8 +144,9 @@ class SparseKL:
         self.split = max(1, min(next_pow2(int(CONFIG[self.knob + "split"]) + 1) // 2, plan.block_size // 16))
         self.kl_tile = torch.zeros(max(1, plan.n_chunks * self.tiles.cap * self.split), dtype=torch.float32, device=dev)
         # [slice, slot, query row of the chunk, group, di]
-        self.dqi_part = new_buffer((self.split, topk.shape[-1], plan.chunk, self.groups, self.di), torch.float32, dev) \
-            if qi.shape[0] else None
+        self.empty = qi.shape[0] == 0  # no queries on this rank
+        self.dqi_part = None if self.empty else \
+            new_buffer((self.split, topk.shape[-1], plan.chunk, self.groups, self.di), torch.float32, dev)
 
     def chunk(self, c: int, teacher=None):
         plan, tiles, qi, ki2 = self.plan, self.tiles, self.qi, self.ki2
@@ -184,8 +185,9 @@ class SparseKL:
         slot_sum(dqi_part, self.topk, self.dqi, q0, q1, self.grad_scale, 1)
 
     def result(self):
-        if self.dqi_part is None:  # no queries on this rank
+        if self.empty:
             return self.kl_tile.sum(), self.dqi, self.dki
+        self.dqi_part = None  # every chunk ran: free the partials before the caller's next allocations
         value = self.kl_tile.sum() / (self.n_keys * self.total_groups)
         return value, self.dqi, self.dki * self.grad_scale
 

@@ -448,7 +448,7 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
                         seg0, t0, plan.n_rows, groups, acc.stride(0), acc.stride(1),
                         HEAD_DIM=d, D=D, BLOCK_N=bn, ALL_GROUPS=False, SKIP_SINGLE=True, num_warps=8,
                     )
-            del dk_ws, dv_ws  # before the next chunk's (and the KL's) workspaces are allocated
+            del dk_ws, dv_ws, ws  # freed before the next chunk's (and the KL's) workspaces are allocated
             if with_teacher:
                 on_teacher(c, teacher)
         slot_sum(dq_part, topk, dq, q0, q1, 1.0, r)
