@@ -208,12 +208,7 @@ else:
         assert kl.item() == 0.0 and math.isnan(value.item())  # the value arrives with the backward
         do = torch.randn_like(o)
         ((o.float() * do.float()).sum() + 0.5 * kl).backward()
-        qd, kd, vd = [t.double().requires_grad_(True) for t in (q, kk, v)]
-        o_r, _ = ref.sparse_attention(qd, kd, vd, sel, cu, BK)
-        o_r.backward(do.double())
-        assert rel(o, o_r) < 1e-2
-        for got, want in ((qg.grad, qd.grad), (kg.grad, kd.grad), (vg.grad, vd.grad)):
-            assert rel(got, want) < 1e-2
+        check_sparse_against_reference(q, kk, v, sel, cu, do, o, (qg.grad, kg.grad, vg.grad))
         args = (q.double(), kk.double(), qi.double(), ki.double(), cu, sel, BK)
         assert value.item() == pytest.approx(ref.indexer_kl(*args, total_groups=3).item(), rel=1e-3)
         dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=3, coeff=0.5)
@@ -252,12 +247,7 @@ else:
         o, lse = tri.sparse_attention(qg, kg, vg, sel, cu, sh)
         do = torch.randn_like(o)
         o.backward(do)
-        qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]
-        o_r, _ = ref.sparse_attention(qd, kd, vd, sel, cu, BK)
-        o_r.backward(do.double())
-        assert rel(o, o_r) < 1e-2
-        for got, want in ((qg.grad, qd.grad), (kg.grad, kd.grad), (vg.grad, vd.grad)):
-            assert rel(got, want) < 1e-2
+        check_sparse_against_reference(q, k, v, sel, cu, do, o, (qg.grad, kg.grad, vg.grad))
         qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
         tri.indexer_kl(q, k, lse, qig, kig, ilse, sel, cu, sh).backward()
         dqi_r, dki_r = ref.indexer_kl_grads(q.double(), k.double(), qi.double(), ki.double(), cu, sel, BK)
@@ -375,6 +365,15 @@ else:
         kl = tri.indexer_kl(q, k, lse, qig, kig, ilse, sel, cu, sh, total_groups=3)
         kl.backward()
         check_kl_grads(kl, qig.grad, kig.grad, q, k, qi, ki, sel, cu, bk)
+
+    def check_sparse_against_reference(q, k, v, sel, cu, do, o, grads):
+        """o and (dq, dk, dv) of the sparse attention == the float64 reference's for the gradient do."""
+        qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]
+        o_r, _ = ref.sparse_attention(qd, kd, vd, sel, cu, BK)
+        o_r.backward(do.double())
+        assert rel(o, o_r) < 1e-2
+        for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
+            assert rel(got, want) < 1e-2
 
     def check_kl_grads(kl, dqi, dki, q, k, qi, ki, sel, cu, bk):
         args = (q.double(), k.double(), qi.double(), ki.double(), cu, sel, bk)
