@@ -241,7 +241,9 @@ class MSACoreAttention(PackedCoreAttention):
         if self.sparse and self.training and torch.is_grad_enabled() and coeff > 0 and self.kv_replicas == 1:
             # The KL's teacher is built in the attention backward (no second pass over the heads'
             # scores); its value arrives with the backward, which always runs for this step.
-            fused = ops.sparse_attention_with_kl(q, k, v, qi, ki, topk, index_lse, cu, shape, backend, self.total_groups, qpos=qpos)
+            fused = ops.sparse_attention_with_kl(
+                q, k, v, qi, ki, topk, index_lse, cu, shape, backend, self.total_groups, qpos=qpos
+            )
             if fused is not None:
                 o, kl, kl_value = fused
                 self._record_recall(q, k, topk, cu, shape, backend, qpos)
