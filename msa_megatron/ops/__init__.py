@@ -115,10 +115,10 @@ def sparse_attention_with_kl(q, k, v, qi, ki, topk, index_lse, cu_seqlens, shape
     backward then computes the KL's value into `kl_value` (NaN until then) and its gradients to
     qi, ki. Same value and gradients as sparse_attention + indexer_kl. None when the Triton
     backend has no fused kernel for this layout: call those two instead."""
+    if backend == "triton" and not _triton().kl_in_backward(q.shape[1] // k.shape[1]):
+        return None
     value = torch.full((), float("nan"), dtype=torch.float32, device=q.device)
     if backend == "triton":
-        if not _triton().kl_in_backward(q.shape[1] // k.shape[1]):
-            return None
         o, _, kl = _triton().sparse_attention_kl(
             q, k, v, qi, ki, topk, index_lse, cu_seqlens, shape, total_groups, value, **_triton_kwargs(qpos)
         )

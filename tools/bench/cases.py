@@ -14,6 +14,7 @@ def run_case(n, kind, args, tri, report):
 
     from msa_megatron import ops
     from msa_megatron.ops.triton import common, dense_attn, indexer, kl as klmod, plan as planmod, sparse_attn
+    from msa_megatron.ops.triton.attention_kl import backward_with_kl
     from msa_megatron.ops.triton.common import query_chunk
 
     lengths = [n] if kind == "single" else mixed_lengths(n, seed=n)
@@ -62,12 +63,8 @@ def run_case(n, kind, args, tri, report):
     rec("KL sparse (value + dqi, dki)",
         bench(lambda: klmod.sparse_kl(q, k, lse, qi, ki, ilse, sel, plan, scale, shape.index_scale, 4)), f["kl"])
     if sparse_attn.teacher_in_backward(q.shape[1] // k.shape[1]):
-        def bwd_with_kl():
-            kl_ = klmod.SparseKL(qi, ki, ilse, sel, plan, shape.index_scale, 4)
-            sparse_attn.sparse_backward(do, q, k, v, o, lse, None, sel, plan, scale, on_teacher=kl_.chunk)
-            return kl_.result()
-
-        rec("sparse bwd + KL on its teacher", bench(bwd_with_kl), f["bwd"] + f["kl"])
+        rec("sparse bwd + KL on its teacher", bench(lambda: backward_with_kl(
+            do, q, k, v, o, lse, None, qi, ki, ilse, sel, plan, scale, shape.index_scale, 4)), f["bwd"] + f["kl"])
     del o, lse
 
     qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]

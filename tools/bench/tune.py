@@ -15,6 +15,7 @@ def tune(n, tri, report, apply=True, families=FAMILIES):
     import torch
 
     from msa_megatron.ops.triton import common, dense_attn, indexer, kl as klmod, plan as planmod, sparse_attn
+    from msa_megatron.ops.triton.attention_kl import backward_with_kl
     from msa_megatron.ops.triton.common import query_chunk
 
     x = make_inputs([n], seed=2)
@@ -83,9 +84,7 @@ def tune(n, tri, report, apply=True, families=FAMILIES):
         ], sparse_kl, f["kl"], "kl", check=_same_as(sparse_kl()))
     if "kl_teacher" in families and sparse_attn.teacher_in_backward(q.shape[1] // k.shape[1]):
         def bwd_with_kl():  # the training path: the KL on the teacher the attention backward built
-            acc = klmod.SparseKL(qi, ki, ilse, sel, plan, iscale, 4)
-            sparse_attn.sparse_backward(do, q, k, v, o, lse, None, sel, plan, scale, on_teacher=acc.chunk)
-            return acc.result()
+            return backward_with_kl(do, q, k, v, o, lse, None, qi, ki, ilse, sel, plan, scale, iscale, 4)[3]
 
         variants(klmod.CONFIG, [
             dict(kt_tiles=tiles, kt_split=split, kt_rows=rows, kt_warps=4, kt_stages=stages)

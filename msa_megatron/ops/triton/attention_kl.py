@@ -20,6 +20,14 @@ from msa_megatron.ops.triton.kl import SparseKL
 from msa_megatron.ops.triton.sparse_attn import sparse_backward, sparse_forward
 
 
+def backward_with_kl(do, q, k, v, o, lse, dlse, qi, ki, index_lse, topk, plan, softmax_scale, index_scale, total_groups):
+    """(dq, dk, dv, (KL value, dqi, dki)): the sparse backward, each query chunk's teacher handed to
+    the KL on the way (KL gradients for a weight of 1)."""
+    kl = SparseKL(qi, ki, index_lse, topk, plan, index_scale, total_groups)
+    dq, dk, dv = sparse_backward(do, q, k, v, o, lse, dlse, topk, plan, softmax_scale, on_teacher=kl.chunk)
+    return dq, dk, dv, kl.result()
+
+
 class SparseAttentionKL(torch.autograd.Function):
     """(o, lse, kl handle) forward; backward: dq, dk, dv and, if the handle got a gradient, dqi, dki."""
 
@@ -37,16 +45,14 @@ class SparseAttentionKL(torch.autograd.Function):
     def backward(ctx, do, dlse, dkl):
         q, k, v, o, lse, topk, qi, ki, index_lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        kl = None
-        if dkl is not None:
-            kl = SparseKL(qi.contiguous(), ki.contiguous(), index_lse, topk, ctx.plan, ctx.index_scale, ctx.total_groups)
-        dq, dk, dv = sparse_backward(
-            do, q, k, v, o, lse, dlse, topk, ctx.plan, ctx.softmax_scale, on_teacher=None if kl is None else kl.chunk
+        if dkl is None:  # the KL is not in the loss: the plain backward
+            dq, dk, dv = sparse_backward(do, q, k, v, o, lse, dlse, topk, ctx.plan, ctx.softmax_scale)
+            return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        dq, dk, dv, (value, dqi, dki) = backward_with_kl(
+            do, q, k, v, o, lse, dlse, qi.contiguous(), ki.contiguous(), index_lse, topk, ctx.plan, ctx.softmax_scale,
+            ctx.index_scale, ctx.total_groups,
         )
-        dqi = dki = None
-        if kl is not None:
-            value, dqi, dki = kl.result()
-            ctx.value_out.copy_(value)
-            dqi = (dqi * dkl).to(qi.dtype)
-            dki = (dki * dkl).reshape(ki.shape).to(ki.dtype)
+        ctx.value_out.copy_(value)
+        dqi = (dqi * dkl).to(qi.dtype)
+        dki = (dki * dkl).reshape(ki.shape).to(ki.dtype)
         return dq, dk, dv, dqi, dki, None, None, None, None, None, None, None

@@ -138,8 +138,9 @@ class SparseKL:
         dev = qi.device
         self.dqi = new_buffer((qi.shape[0], self.groups, self.di), torch.float32, dev)
         self.dki = torch.zeros((self.n_keys, 1, self.di), dtype=torch.float32, device=dev)
-        self.knob = "kt_" if q is None else "kl_"  # teacher given per chunk, or computed here
-        self.tiles = plan.tiles[CONFIG["kt_tiles"] if q is None else "kl"]
+        self.teacher_given = q is None  # each chunk gets its teacher, else computes it from q, k, lse
+        self.knob = "kt_" if self.teacher_given else "kl_"
+        self.tiles = plan.tiles[CONFIG["kt_tiles"] if self.teacher_given else "kl"]
         # key slices: a power of two (a power-of-two block stays power-of-two sliced), at least 16 keys each
         self.split = max(1, min(next_pow2(int(CONFIG[self.knob + "split"]) + 1) // 2, plan.block_size // 16))
         self.kl_tile = torch.zeros(max(1, plan.n_chunks * self.tiles.cap * self.split), dtype=torch.float32, device=dev)
@@ -153,8 +154,8 @@ class SparseKL:
         cfg = {key: CONFIG[self.knob + key] for key in ("rows", "warps", "stages", "query_rows")}
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
-        from_teacher = teacher is not None
-        if from_teacher != (self.q is None):
+        from_teacher = self.teacher_given
+        if from_teacher != (teacher is not None):
             raise ValueError("SparseKL: pass a teacher to every chunk exactly when q, k, lse were not given")
         q, k, lse = (qi, ki2, self.index_lse) if from_teacher else (self.q, self.k, self.lse)
         hq, d = (self.groups, self.di) if from_teacher else (q.shape[1], q.shape[2])
@@ -195,7 +196,7 @@ class SparseKL:
 def sparse_kl(q, k, lse, qi, ki, index_lse, topk, plan: SparsePlan, softmax_scale, index_scale, total_groups):
     """(KL value, dqi, dki) of the sparse stage, the teacher computed here (see SparseKL)."""
     acc = SparseKL(qi, ki, index_lse, topk, plan, index_scale, total_groups, q, k, lse, softmax_scale)
-    if qi.shape[0]:
+    if not acc.empty:
         for c in range(plan.n_chunks):
             acc.chunk(c)
     return acc.result()
