@@ -101,8 +101,14 @@ else:
             for g, row, e0, cnt in tiles[t0:t1]:
                 assert all(a <= int(t) < b for t in plan.entry_tok[e0 : e0 + cnt])
 
-    @pytest.mark.parametrize("hq,hkv,d,k", [(4, 2, 16, 3), (3, 1, 24, 2), (16, 1, 16, 5), (2, 2, 32, 1)])
-    def test_sparse_attention(hq, hkv, d, k):
+    @pytest.mark.parametrize("hq,hkv,d,k,prefetch",
+                             [(4, 2, 16, 3, False), (3, 1, 24, 2, True), (16, 1, 16, 5, True), (2, 2, 32, 1, False)])
+    def test_sparse_attention(hq, hkv, d, k, prefetch, monkeypatch):
+        """Outputs, lse and gradients against the float64 reference; the forward with and without
+        its one-step-ahead query gather."""
+        from msa_megatron.ops.triton import sparse_attn
+
+        monkeypatch.setitem(sparse_attn.CONFIG, "fwd_prefetch", prefetch)
         q, kk, v, qi, ki, cu = make(LENGTHS, hq, hkv, d=d, seed=4)
         sh = shape(d, 16, k, LENGTHS)
         sel, _ = tri.select_blocks(qi, ki, cu, sh)
@@ -191,13 +197,17 @@ else:
         assert kl.item() == pytest.approx(kl_r.item(), rel=1e-2)
         assert rel(qig.grad, dqi_r) < 1e-2 and rel(kig.grad, dki_r) < 1e-2
 
-    @pytest.mark.parametrize("hq,hkv,k,tiny_tiles", [(4, 2, 3, False), (16, 1, 5, False), (2, 2, 3, True), (8, 2, 4, True)])
-    def test_kl_computed_in_the_attention_backward(hq, hkv, k, tiny_tiles, monkeypatch):
+    @pytest.mark.parametrize("hq,hkv,k,tiny_tiles,bwd_rows",
+                             [(4, 2, 3, False, 64), (16, 1, 5, False, 32), (2, 2, 3, True, 64), (8, 2, 4, True, 32)])
+    def test_kl_computed_in_the_attention_backward(hq, hkv, k, tiny_tiles, bwd_rows, monkeypatch):
         """ops.sparse_attention_with_kl: o and dq/dk/dv as sparse_attention, the KL value (written
-        by the backward) and dqi/dki as indexer_kl, over several query chunks (and tiles)."""
+        by the backward) and dqi/dki as indexer_kl, over several query chunks (and tiles), with
+        backward steps of 64 or 32 (query, head) rows."""
         from msa_megatron import ops
         from msa_megatron.ops.triton import plan as plan_mod
+        from msa_megatron.ops.triton import sparse_attn
 
+        monkeypatch.setitem(sparse_attn.CONFIG, "bwd_rows", bwd_rows)
         if tiny_tiles:
             monkeypatch.setattr(plan_mod, "TILE_QUERIES", {"fwd": 5, "bwd": 3, "kl": 4, "ilse": 6})
         q, kk, v, qi, ki, cu = make(LENGTHS, hq, hkv, seed=12)

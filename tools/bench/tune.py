@@ -69,10 +69,22 @@ def tune(n, tri, report, apply=True, families=FAMILIES):
             dict(fwd_rows=64, fwd_warps=4, fwd_stages=3), dict(fwd_rows=64, fwd_warps=8, fwd_stages=1),
             dict(fwd_rows=128, fwd_warps=8, fwd_stages=1), dict(fwd_rows=128, fwd_warps=8, fwd_stages=2),
             dict(fwd_rows=128, fwd_warps=4, fwd_stages=1),
+            dict(fwd_rows=64, fwd_warps=4, fwd_stages=1, fwd_prefetch=True),
+            dict(fwd_rows=128, fwd_warps=8, fwd_stages=1, fwd_prefetch=True),
         ], lambda: sparse_attn.sparse_forward(q, k, v, sel, plan, scale), f["fwd"], "fwd")
     if "bwd" in families:
-        variants(sparse_attn.CONFIG, {"bwd_rows": [64], "bwd_warps": [8], "bwd_stages": [2, 3]},
-                 lambda: sparse_attn.sparse_backward(do, q, k, v, o, lse, None, sel, plan, scale), f["bwd"], "bwd")
+        # The training path when the backward builds the KL teacher (that is what the layer runs),
+        # else the plain backward; every variant's gradients are checked against the default's.
+        with_kl = sparse_attn.teacher_in_backward(q.shape[1] // k.shape[1])
+        if with_kl:
+            bwd = lambda: backward_with_kl(do, q, k, v, o, lse, None, qi, ki, ilse, sel, plan, scale, iscale, 4)
+        else:
+            bwd = lambda: sparse_attn.sparse_backward(do, q, k, v, o, lse, None, sel, plan, scale)
+        variants(sparse_attn.CONFIG, [
+            dict(bwd_rows=rows, bwd_warps=warps, bwd_stages=stages)
+            for rows, warps, stages in ((64, 8, 3), (64, 8, 2), (64, 8, 4), (32, 8, 2), (32, 8, 3), (32, 8, 4),
+                                        (64, 16, 2), (64, 16, 3), (128, 16, 2), (32, 16, 3))
+        ], bwd, f["bwd"] + (f["kl"] if with_kl else 0), "bwd", check=_same_grads(bwd()))
     if "kl" in families:
         sparse_kl = lambda: klmod.sparse_kl(q, k, lse, qi, ki, ilse, sel, plan, scale, iscale, 4)
         keys_rows, query_rows = dict(kl_query_rows=False), dict(kl_query_rows=True)
@@ -118,6 +130,19 @@ def _same_as(want):
         errs = [abs(got[0].item() - want[0].item()) / abs(want[0].item())]
         errs += [((a - b).norm() / b.norm()).item() for a, b in zip(got[1:], want[1:])]
         return None if errs[0] < 1e-4 and max(errs[1:]) < 1e-2 else f"errors {errs}"
+
+    return check
+
+
+def _same_grads(want):
+    """check() for backward variants: every gradient within 1e-2 of `want` (relative), the KL value
+    (training path) within 1e-4."""
+    flat = lambda r: [x for part in r for x in (part if isinstance(part, tuple) else (part,))]
+
+    def check(got):
+        errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(flat(got), flat(want))]
+        limits = [1e-4 if a.dim() == 0 else 1e-2 for a in flat(want)]
+        return None if all(e < lim for e, lim in zip(errs, limits)) else f"errors {errs}"
 
     return check
 

@@ -26,10 +26,11 @@ LN2 = 0.6931471805599453
 
 # Launch knobs (fastest on an H200 for Hq 64 / Hkv 4 / d 128, tools/bench_kernels.py --autotune).
 # rows = (query, head) rows per product. dq_part_fp32: keep dQ partials in fp32 (2x the buffer and
-# its traffic, slightly smaller error; default bf16). kl_in_backward: training steps of the sparse
+# its traffic, slightly smaller error; default bf16). fwd_prefetch: gather a forward step's query
+# rows one step ahead (see the kernel). kl_in_backward: training steps of the sparse
 # stage build the KL teacher in this backward (attention_kl.py) instead of a separate KL pass.
 CONFIG = {
-    "fwd_rows": 64, "fwd_warps": 4, "fwd_stages": 1,
+    "fwd_rows": 64, "fwd_warps": 4, "fwd_stages": 1, "fwd_prefetch": False,
     "bwd_rows": 64, "bwd_warps": 8, "bwd_stages": 3,
     "dq_part_fp32": False, "kl_in_backward": True,
 }
@@ -47,7 +48,7 @@ def _sparse_fwd_kernel(
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     qk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     t = tile0 + tl.program_id(0)
     g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
@@ -68,14 +69,19 @@ def _sparse_fwd_kernel(
     q_in = offs_m // R
     head = g * R + offs_m % R
     row_used = offs_m < BQ * R
+    # PREFETCH: the next step's query rows are gathered before this step's products (a register
+    # double buffer; the loop is not software-pipelined), so one gather is always in flight.
+    if PREFETCH:
+        ok, tok, slot, q = _gather_step(Q, entry_tok, entry_slot, e0, cnt, 0, q_in, row_used, head, offs_d, d_ok,
+                                        stride_qt, stride_qh)
     for s0 in range(0, cnt, BQ):
-        e = s0 + q_in
-        ok = row_used & (e < cnt)
-        tok = tl.load(entry_tok + e0 + e, mask=ok, other=0)
-        slot = tl.load(entry_slot + e0 + e, mask=ok, other=0)
+        if PREFETCH:
+            ok_n, tok_n, slot_n, q_n = _gather_step(Q, entry_tok, entry_slot, e0, cnt, s0 + BQ, q_in, row_used, head,
+                                                    offs_d, d_ok, stride_qt, stride_qh)
+        else:
+            ok, tok, slot, q = _gather_step(Q, entry_tok, entry_slot, e0, cnt, s0, q_in, row_used, head, offs_d, d_ok,
+                                            stride_qt, stride_qh)
         qt = tok.to(tl.int64)
-        q = tl.load(Q + qt[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k))
         visible = (key_tok[None, :] <= key_pos(QPOS, tok, ok, HAS_QPOS)[:, None]) & key_ok[None, :]
         s = tl.where(visible, s * qk_scale, float("-inf"))
@@ -88,6 +94,21 @@ def _sparse_fwd_kernel(
                  mask=ok[:, None] & d_ok[None, :])
         lpart = slot.to(tl.int64) * stride_ls + (qt - q0) * stride_lt + head
         tl.store(L_part + lpart, (m + tl.log2(l)) * 0.6931471805599453, mask=ok)
+        if PREFETCH:
+            ok, tok, slot, q = ok_n, tok_n, slot_n, q_n
+
+
+@triton.jit
+def _gather_step(Q, entry_tok, entry_slot, e0, cnt, s0, q_in, row_used, head, offs_d, d_ok, stride_qt, stride_qh):
+    """(row ok, query token, slot, query rows [M, D]) of the forward step starting at tile entry s0."""
+    e = s0 + q_in
+    ok = row_used & (e < cnt)
+    tok = tl.load(entry_tok + e0 + e, mask=ok, other=0)
+    slot = tl.load(entry_slot + e0 + e, mask=ok, other=0)
+    qt = tok.to(tl.int64)
+    q = tl.load(Q + qt[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=ok[:, None] & d_ok[None, :], other=0.0)
+    return ok, tok, slot, q
 
 
 @triton.jit
@@ -169,7 +190,7 @@ def sparse_forward(q, k, v, topk, plan: SparsePlan, softmax_scale: float):
                     o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
                     softmax_scale * LOG2E,
                     HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=plan.block_size, HAS_QPOS=plan.has_qpos,
-                    num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
+                    PREFETCH=cfg["fwd_prefetch"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
                 )
         rows = _rows_per_program(r, d)
         with timed("sparse fwd combine"):
