@@ -65,11 +65,10 @@ def tune(n, tri, report, apply=True, families=FAMILIES):
                  lambda: indexer.select_topk(qi, ki, cu, BK, TOPK), f["index"], "select")
     if "fwd" in families:
         variants(sparse_attn.CONFIG, [
-            dict(fwd_rows=64, fwd_warps=4, fwd_stages=1), dict(fwd_rows=64, fwd_warps=4, fwd_stages=2),
-            dict(fwd_rows=64, fwd_warps=4, fwd_stages=3), dict(fwd_rows=64, fwd_warps=8, fwd_stages=1),
-            dict(fwd_rows=128, fwd_warps=8, fwd_stages=1), dict(fwd_rows=128, fwd_warps=8, fwd_stages=2),
-            dict(fwd_rows=128, fwd_warps=4, fwd_stages=1),
             dict(fwd_rows=64, fwd_warps=4, fwd_stages=1, fwd_prefetch=True),
+            dict(fwd_rows=64, fwd_warps=4, fwd_stages=1, fwd_prefetch=False),
+            dict(fwd_rows=64, fwd_warps=4, fwd_stages=2, fwd_prefetch=False),
+            dict(fwd_rows=64, fwd_warps=8, fwd_stages=1, fwd_prefetch=True),
             dict(fwd_rows=128, fwd_warps=8, fwd_stages=1, fwd_prefetch=True),
         ], lambda: sparse_attn.sparse_forward(q, k, v, sel, plan, scale), f["fwd"], "fwd")
     if "bwd" in families:
