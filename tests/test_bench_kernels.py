@@ -52,3 +52,14 @@ def test_published_kernels_section_is_the_committed_results_rendered(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() in before
     assert doc.read_text() == before
+
+
+def test_ablation_patches_still_apply_to_the_kernel_source():
+    """tools/bench/ablate.py edits sparse_attn.py's text: each patch must find its target exactly once
+    and change the source (else the ablation would time the unchanged kernel under a false name)."""
+    from tools.bench.ablate import PATCHES
+
+    src = open(os.path.join(ROOT, "msa_megatron", "ops", "triton", "sparse_attn.py")).read()
+    for name, patches in PATCHES.items():
+        for old, new in patches:
+            assert src.count(old) == 1 and old != new, name

@@ -10,10 +10,11 @@ target as met / missed by X%.
         --contexts 32768,65536,131072 --out $OUT/kernels.json --md $OUT/kernels.md
                                    # the published run: pick launch configs, check, time all
     python3 tools/bench_kernels.py --contexts 32768 --tune     # variants + register/spill report
+    python3 tools/bench_kernels.py --contexts 32768 --ablate   # the sparse backward with parts left out
     python3 tools/bench_kernels.py --from-json docs/bench_kernels.json --docs docs/benchmarks.md
                                    # re-render the "Kernels" section of docs/benchmarks.md (no GPU)
 
-Modules: tools/bench/ (common: inputs, FLOPs, timer; baselines; check; cases; tune; report).
+Modules: tools/bench/ (common: inputs, FLOPs, timer; baselines; check; cases; tune; ablate; report).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def parse_args():
     ap.add_argument("--recall-queries", type=int, default=1024)
     ap.add_argument("--warmup-only", action="store_true", help="time only the dense warm-up layer and cuDNN dense")
     ap.add_argument("--tune", action="store_true", help="time launch-config variants at the first context")
+    ap.add_argument("--ablate", action="store_true",
+                    help="time the sparse backward with parts of its kernel left out (tools/bench/ablate.py) at the "
+                         "first context")
     ap.add_argument("--autotune", action="append", default=[], metavar="N[:FAMILIES]",
                     help="before the benchmark, time variants at context N and keep the fastest (FAMILIES: "
                          "comma-separated, default --tune-families); may repeat, e.g. 32768 131072:dqi_sum")
@@ -132,6 +136,12 @@ def main():
         if args.out:
             json.dump(results, open(args.out, "w"), indent=1)
 
+    if args.ablate:
+        from tools.bench.ablate import ablate
+
+        results["ablation"] = ablate(contexts[0], report)
+        save()
+        return
     if args.tune:
         results["tune"] = tune(contexts[0], tri, report, families=families)
         results["resources"] = kernel_resources(report)
