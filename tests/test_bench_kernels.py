@@ -34,6 +34,7 @@ def test_readme_command_without_a_gpu_is_one_line_exit_2():
     (["--kinds", "single,mixed"], "--kinds=single,mixed"),
     (["--tune-families", "fwd,kl2"], "--tune-families=fwd,kl2"),
     (["--from-json", "no/such.json"], "--from-json=no/such.json"),
+    (["--ablate", "--contexts", "1000"], "--contexts=1000"),
 ])
 def test_bad_arguments_are_one_line_exit_2(args, named):
     proc = run_tool(*args)

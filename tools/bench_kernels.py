@@ -98,6 +98,8 @@ def checked(args):
         if len(ctx) != 1:
             fail(f"--autotune={spec}: one context per flag (repeat --autotune for more)")
         autotune.append((ctx[0], _families(fams, f"--autotune={spec}") if fams else families))
+    if args.ablate and contexts[0] % 1024:  # its contiguous-rows variant reads 1024 rows from each chunk's start
+        fail(f"--ablate: the first of --contexts={args.contexts} must be a multiple of 1024 tokens")
     return contexts, kinds, families, autotune
 
 
