@@ -312,15 +312,19 @@ else:
             o_r, lse_r = ref.sparse_attention(q.double()[rows], k.double(), v.double(), sel, cu, BK, qpos=rows)
             assert rel(o, o_r) < 1e-2 and rel(lse, lse_r) < 1e-5
 
-    @pytest.mark.parametrize("query_rows,block,rows,programs,tma,lse_t", [
-        (True, 16, 16, 0, False, False), (False, 32, 16, 0, False, True), (True, 16, 16, 6, True, True),
-        (False, 32, 16, 0, True, False),
+    @pytest.mark.parametrize("query_rows,block,rows,programs,tma,lse_t,lse_ahead", [
+        (True, 16, 16, 0, False, False, True), (False, 32, 16, 0, False, True, False),
+        (True, 16, 16, 6, True, True, True), (False, 32, 16, 0, True, False, True),
     ])
-    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, programs, tma, lse_t, monkeypatch):
+    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, programs, tma, lse_t, lse_ahead,
+                                                  monkeypatch):
         """The dense KL's launch variants (tile orientation, keys per program, a tiny share budget
         that forces several query chunks, the dqi share sum in block segments, Q through a TMA
-        descriptor, the lse read heads-major) all compute the reference's value and gradients."""
+        descriptor, the lse read heads-major, each head's lse loaded one head ahead) all compute
+        the reference's value and gradients."""
         from msa_megatron.ops.triton import kl as klmod
+
+        monkeypatch.setitem(klmod.CONFIG, "dense_lse_ahead", lse_ahead)
 
         monkeypatch.setitem(klmod.CONFIG, "dense_dqi_programs", programs)
         monkeypatch.setitem(klmod.CONFIG, "dense_query_rows", query_rows)

@@ -34,7 +34,8 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 # Sparse: kl_split cuts each 128-key block into that many key slices, one program each (fewer
 # registers; each slice writes its own dqi partial). Dense: dense_block = keys per program,
 # dense_tma loads Q tiles with the tensor-memory accelerator (a host-side descriptor; rows of the
-# dense pass are contiguous), dense_lse_heads_major reads the main lse from a [Hq, T] copy, the
+# dense pass are contiguous), dense_lse_heads_major reads the main lse from a [Hq, T] copy,
+# dense_lse_ahead loads the next head's lse before this head's product (see _kl_step), the
 # dqi-share workspace is bounded by dense_ws_mib (bf16 shares unless dense_ws_fp32), and the share
 # sum runs in block segments so that each launch has about dense_dqi_programs programs (0: one
 # segment; fp32 partials added in a fixed order).
@@ -42,7 +43,7 @@ CONFIG = {
     "kl_rows": 64, "kl_warps": 4, "kl_stages": 3, "kl_split": 2, "kl_query_rows": True,
     "kt_rows": 16, "kt_warps": 4, "kt_stages": 3, "kt_split": 1, "kt_query_rows": True, "kt_tiles": "bwd",
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
-    "dense_tma": True, "dense_lse_heads_major": True,
+    "dense_tma": True, "dense_lse_heads_major": True, "dense_lse_ahead": False,
     "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024,
 }
 
@@ -254,17 +255,22 @@ def _kl_dense_index_lse_kernel(
 
 
 @triton.jit
-def _head_scores(Q, Q_desc, LSE, head, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, stride_lh, qk_scale,
+def _head_lse(LSE, head, qt, ok, stride_lt, stride_lh):
+    """One head's main lse of the step's queries, log2 units."""
+    return tl.load(LSE + qt * stride_lt + head * stride_lh, mask=ok, other=0.0) * 1.4426950408889634
+
+
+@triton.jit
+def _head_scores(Q, Q_desc, lse, head, qt, m0, ok, k, stride_qt, stride_qh, qk_scale,
                  HEAD_DIM: tl.constexpr, D: tl.constexpr, QUERY_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
     """log2 of one head's main-softmax probabilities on the step's tile ([queries, keys] when
-    QUERY_ROWS, else [keys, queries]); q and k are detached inputs, lse is the main lse."""
+    QUERY_ROWS, else [keys, queries]); q and k are detached inputs, lse the head's (_head_lse)."""
     if USE_TMA:
         qh = Q_desc.load([m0, head * HEAD_DIM])
     else:
         offs_d = tl.arange(0, D)
         qh = tl.load(Q + qt[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                      mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    lse = tl.load(LSE + qt * stride_lt + head * stride_lh, mask=ok, other=0.0) * 1.4426950408889634
     if QUERY_ROWS:
         return tl.dot(qh, tl.trans(k)) * qk_scale - lse[:, None]
     else:
@@ -278,6 +284,7 @@ def _kl_step(
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
     QUERY_ROWS: tl.constexpr, USE_TMA: tl.constexpr, teacher_ptr, FROM_TEACHER: tl.constexpr,
+    LSE_AHEAD: tl.constexpr = False,
 ):
     """One (key tile, query tile) step: (dki share [N, DI], dqi share [M, DI], KL terms [M], log2).
 
@@ -300,9 +307,19 @@ def _kl_step(
     if FROM_TEACHER:
         p_t = tl.load(teacher_ptr, mask=visible, other=0.0)
     else:
+        # LSE_AHEAD: the next head's lse is loaded before this head's product (its latency was
+        # exposed: 1-2 warps per scheduler, nothing else to run while a load is in flight).
+        if LSE_AHEAD:
+            lse_h = _head_lse(LSE, g * R, qt, ok, stride_lt, stride_lh)
         for h in range(R):
-            p_t += tl.exp2(_head_scores(Q, Q_desc, LSE, g * R + h, qt, m0, ok, k, stride_qt, stride_qh, stride_lt, stride_lh,
+            if LSE_AHEAD:
+                lse_n = _head_lse(LSE, g * R + (h + 1) % R, qt, ok, stride_lt, stride_lh)  # wraps: a spare load
+            else:
+                lse_h = _head_lse(LSE, g * R + h, qt, ok, stride_lt, stride_lh)
+            p_t += tl.exp2(_head_scores(Q, Q_desc, lse_h, g * R + h, qt, m0, ok, k, stride_qt, stride_qh,
                                         qk_scale, HEAD_DIM, D, QUERY_ROWS, USE_TMA))
+            if LSE_AHEAD:
+                lse_h = lse_n
         p_t = tl.where(visible, p_t * (1.0 / R), 0.0)
     if QUERY_ROWS:
         s_idx = tl.dot(qi, tl.trans(ki)) * iqk_scale - ilse[:, None]  # log2 P_idx
@@ -328,7 +345,7 @@ def _kl_dense_kernel(
     qk_scale, iqk_scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_QPOS: tl.constexpr, QUERY_ROWS: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, LSE_AHEAD: tl.constexpr,
 ):
     """Pass 2, key-owner: one key block of group g against every later query row in [q0, q1).
 
@@ -363,7 +380,7 @@ def _kl_dense_kernel(
             dki_share, dqi, kl_share = _kl_step(
                 Q, Q_desc, QI, LSE, ILSE, k, ki, key_tok, key_ok, qrow, m0, ok, pos, g,
                 stride_qt, stride_qh, stride_qit, stride_qig, stride_lt, stride_lh, stride_ig, qk_scale, iqk_scale,
-                HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, USE_TMA, Q, False,
+                HEAD_DIM, D, DI, DIP, R, QUERY_ROWS, USE_TMA, Q, False, LSE_AHEAD,
             )
             dki += dki_share
             kl += kl_share
@@ -502,7 +519,7 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
                 softmax_scale * LOG2E, index_scale * LOG2E,
                 HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_N=block, BLOCK_M=CONFIG["dense_rows"],
                 HAS_QPOS=qp is not None, QUERY_ROWS=CONFIG["dense_query_rows"],
-                USE_TMA=q_desc is not None,
+                USE_TMA=q_desc is not None, LSE_AHEAD=CONFIG["dense_lse_ahead"],
                 num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"],
             )
         with timed("KL dense dqi sum"):
