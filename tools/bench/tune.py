@@ -107,12 +107,10 @@ def tune(n, tri, report, apply=True, families=FAMILIES):
         same_as_default = _same_as(dense_kl())
     if "dense_kl" in families:
         query_rows = dict(dense_query_rows=True, dense_stages=3)
+        tiles = dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_tma=True, dense_lse_heads_major=True)
         variants(klmod.CONFIG, [
-            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_tma=True, dense_lse_heads_major=True),
-            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_tma=True, dense_lse_heads_major=True,
-                 dense_lse_ahead=True),
-            dict(query_rows, dense_block=64, dense_rows=64, dense_warps=4, dense_tma=True, dense_lse_heads_major=True,
-                 dense_stages=4, dense_lse_ahead=True),
+            dict(tiles, dense_lse_ahead=True), dict(tiles, dense_lse_ahead=False),
+            dict(tiles, dense_lse_ahead=True, dense_stages=4),
         ], dense_kl, f["dense_kl"], "dense_kl", check=same_as_default)
     if "dqi_sum" in families:
         variants(klmod.CONFIG, {"dense_dqi_programs": [0, 1024, 4096, 16384]}, dense_kl, f["dense_kl"], "dqi_sum",
