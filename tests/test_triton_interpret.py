@@ -325,7 +325,6 @@ else:
         from msa_megatron.ops.triton import kl as klmod
 
         monkeypatch.setitem(klmod.CONFIG, "dense_lse_ahead", lse_ahead)
-
         monkeypatch.setitem(klmod.CONFIG, "dense_dqi_programs", programs)
         monkeypatch.setitem(klmod.CONFIG, "dense_query_rows", query_rows)
         monkeypatch.setitem(klmod.CONFIG, "dense_block", block)
