@@ -76,10 +76,18 @@ else:
         sel, _ = tri.select_blocks(torch.zeros_like(qi), ki, cu, shape(16, 16, 4, lengths))
         assert sel[0, -1].tolist() == [0, 1, 2, 9]  # position 149: local block 9
 
-    def test_plan_is_the_selection_transposed():
-        q, k, v, qi, ki, cu = make(LENGTHS, 4, 2, seed=3)
-        sel, _ = tri.select_blocks(qi, ki, cu, shape(16, 16, 3, LENGTHS))
-        plan = build_plan(sel, cu, BK, chunk=48)
+    @pytest.mark.parametrize("lengths,chunk,short_keys", [(LENGTHS, 48, True), (LENGTHS, 48, False), ([520], 1, True)])
+    def test_plan_is_the_selection_transposed(lengths, chunk, short_keys, monkeypatch):
+        """Every valid (group, query, slot) sits in exactly one tile of its block and chunk, with
+        segment keys sorted as int16 or as int32; [520] with 1-query chunks has 34320 segments,
+        so its int16 keys span both signs."""
+        from msa_megatron.ops.triton import plan as plan_mod
+
+        monkeypatch.setattr(plan_mod, "SHORT_KEY_SEGMENTS", 1 << 16 if short_keys else 0)
+        q, k, v, qi, ki, cu = make(lengths, 4, 2, seed=3)
+        sel, _ = tri.select_blocks(qi, ki, cu, shape(16, 16, 3, lengths))
+        plan = build_plan(sel, cu, BK, chunk=chunk)
+        assert plan.n_chunks * plan.groups * plan.n_rows > 1 << 15 or lengths is LENGTHS
         layout = ref.doc_layout(cu, q.shape[0])
         want = {(g, i, s) for g in range(2) for i in range(q.shape[0]) for s in range(3) if sel[g, i, s] >= 0}
         got = []
@@ -99,7 +107,13 @@ else:
             a, b = plan.chunk_bounds(c)
             t0, t1 = plan.tiles["fwd"].chunk_range(c)
             for g, row, e0, cnt in tiles[t0:t1]:
-                assert all(a <= int(t) < b for t in plan.entry_tok[e0 : e0 + cnt])
+                toks = plan.entry_tok[e0 : e0 + cnt].tolist()
+                assert all(a <= t < b for t in toks)
+                assert toks == sorted(set(toks))  # a fixed (query) order: the kernels' sums are deterministic
+        bwd = plan.tiles["bwd"]  # each segment's tiles are where seg_tile_first / seg_tile_count say
+        for seg, (first, n) in enumerate(zip(bwd.seg_tile_first.tolist(), bwd.seg_tile_count.tolist())):
+            g, row = (seg // plan.n_rows) % plan.groups, seg % plan.n_rows
+            assert all(bwd.tiles[first + j, :2].tolist() == [g, row] for j in range(n))
 
     @pytest.mark.parametrize("hq,hkv,d,k,prefetch",
                              [(4, 2, 16, 3, False), (3, 1, 24, 2, True), (16, 1, 16, 5, True), (2, 2, 32, 1, False)])

@@ -12,7 +12,8 @@ Layout
 - entries: the (query row, slot) pairs of the selection sorted by (query chunk, group, row, query);
   valid ones first. entry_tok = query row, entry_slot = its slot in topk[g, i, :]. A query's key
   position (for the causal mask) is qpos[query row], or the row itself when qpos is None.
-- segments: one per (chunk, group, row); seg_start / seg_count index the entries.
+- segments: one per (chunk, group, row), each a contiguous run of entries (sorted by segment key,
+  int16 keys when they fit so the radix sort runs half the passes).
 - tiles: a segment cut into pieces of at most `queries` entries, one program each. Chunk c owns the
   tile slots [c * cap, (c + 1) * cap); tiles[t] = (g, row, first entry, count), count 0 for unused
   slots (then the row is 0 and the kernels do nothing with it).
@@ -31,11 +32,13 @@ import triton
 import triton.language as tl
 
 from msa_megatron.ops.triton.common import next_pow2, timed
-from msa_megatron.ops.triton.rows import block_rows, positions
+from msa_megatron.ops.triton.rows import count_below, block_rows, key_pos, positions
 
 # Queries per program for each kernel family (any value works; these balance launch count and
 # padding). Keys are the names the kernels ask for.
 TILE_QUERIES = {"fwd": 128, "bwd": 256, "kl": 128, "ilse": 256}
+# Segment keys are sorted as int16 below this many segments (else int32).
+SHORT_KEY_SEGMENTS = 1 << 16
 
 
 @dataclass
@@ -101,22 +104,26 @@ def effective_chunk(chunk: int, total: int) -> int:
 
 @triton.jit
 def _plan_keys_kernel(
-    TopK, TokRowBase, SegKey, Counts,
-    total, chunk, groups, n_rows, n_seg, stride_tg, stride_tt,
-    K: tl.constexpr, KP: tl.constexpr, B: tl.constexpr,
+    TopK, CU, DocRowEnd, QPOS, SegKey, Counts,
+    total, chunk, groups, n_rows, n_seg, n_docs, key_offset, stride_tg, stride_tt,
+    K: tl.constexpr, KP: tl.constexpr, B: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
-    """Segment key (chunk, group, row) of every (group, query row, slot); counts per segment."""
+    """Segment key (chunk, group, row) - key_offset of every (group, query row, slot), in SegKey's
+    dtype (int16 when the keys fit: the sort then runs half the radix passes); counts per segment."""
     g = tl.program_id(1)
     i = tl.program_id(0) * B + tl.arange(0, B)
     slots = tl.arange(0, KP)
-    ok = (i < total)[:, None] & (slots < K)[None, :]
+    q_ok = i < total
+    ok = q_ok[:, None] & (slots < K)[None, :]
     sel = tl.load(TopK + g.to(tl.int64) * stride_tg + i.to(tl.int64)[:, None] * stride_tt + slots[None, :], mask=ok, other=-1)
-    base = tl.load(TokRowBase + i, mask=i < total, other=0)
+    # the row of block 0 of each query's document: rows are numbered document by document
+    doc = tl.minimum(count_below(CU + 1, n_docs, key_pos(QPOS, i, q_ok, HAS_QPOS), True), n_docs - 1)
+    base = tl.load(DocRowEnd + doc - 1, mask=q_ok & (doc > 0), other=0)
     key = (((i // chunk) * groups + g) * n_rows + base)[:, None] + sel
     valid = ok & (sel >= 0)
     key = tl.where(valid, key, n_seg)  # invalid slots sort last
     flat = (g.to(tl.int64) * total + i)[:, None] * K + slots[None, :]
-    tl.store(SegKey + flat, key, mask=ok)
+    tl.store(SegKey + flat, (key - key_offset).to(SegKey.dtype.element_ty), mask=ok)
     tl.atomic_add(Counts + key, tl.full(key.shape, 1, tl.int32), mask=valid)  # integer counts: order-free
 
 
@@ -130,14 +137,34 @@ def _plan_entries_kernel(Perm, Tok, Slot, n, total, K: tl.constexpr, B: tl.const
 
 
 @triton.jit
-def _plan_tiles_kernel(Counts, SegStart, First, Tiles, n_seg, groups, n_rows, Q: tl.constexpr, B: tl.constexpr):
-    """Cut each segment into tiles of <= Q entries at its slots First[seg] ... (unused slots stay 0)."""
-    seg = tl.program_id(0) * B + tl.arange(0, B)
-    ok = seg < n_seg
+def _prefix(X, start, end, Q: tl.constexpr, B: tl.constexpr):
+    """sum of X[start:end] (Q == 1), or of the tile counts ceil(X / Q) (fixed order)."""
+    offs = tl.arange(0, B)
+    acc = 0
+    for a in range(start, end, B):
+        x = tl.load(X + a + offs, mask=a + offs < end, other=0)
+        acc += tl.sum((x + Q - 1) // Q, 0)
+    return acc
+
+
+@triton.jit
+def _plan_tiles_kernel(Counts, Tiles, SegFirst, SegCount, per_chunk, cap, groups, n_rows,
+                       Q: tl.constexpr, B: tl.constexpr):
+    """Segments [p * B, (p + 1) * B) of chunk c (program (c, p)): cut into tiles of <= Q entries,
+    placed in segment order from the chunk's tile slot c * cap (unused slots stay 0). A segment's
+    entries start at the prefix sum of the counts (entries are sorted by segment); each program
+    sums the counts before its own, so no separate scan launch is needed."""
+    c = tl.program_id(0)
+    lo = c * per_chunk + tl.program_id(1) * B
+    offs = tl.arange(0, B)
+    seg = lo + offs
+    ok = seg < (c + 1) * per_chunk
     cnt = tl.load(Counts + seg, mask=ok, other=0)
     n_t = (cnt + Q - 1) // Q
-    first = tl.load(First + seg, mask=ok, other=0)
-    e0 = tl.load(SegStart + seg, mask=ok, other=0)
+    first = c * cap + _prefix(Counts, c * per_chunk, lo, Q, 1024) + tl.cumsum(n_t, 0) - n_t
+    e0 = _prefix(Counts, 0, lo, 1, 1024) + tl.cumsum(cnt, 0) - cnt
+    tl.store(SegFirst + seg, first, mask=ok)
+    tl.store(SegCount + seg, n_t, mask=ok)
     g = (seg // n_rows) % groups
     row = seg % n_rows
     for j in range(0, tl.max(n_t, 0)):
@@ -154,7 +181,7 @@ def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[i
     groups, total, k = topk.shape
     dev = topk.device
     n_keys = total if n_keys is None else int(n_keys)
-    cu = cu_seqlens.to(device=dev, dtype=torch.int32)
+    cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
     qp = positions(qpos, dev)
     rows = block_rows(cu, n_keys, block_size, qp) if rows is None else rows
     n_rows = rows.n
@@ -162,24 +189,18 @@ def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[i
     n_chunks = max(1, -(-total // chunk))
     n_seg = n_chunks * groups * n_rows
 
-    # The row number of block 0 of each query's document.
-    lengths = cu[1:] - cu[:-1]
-    nblk = (lengths + block_size - 1) // block_size
-    doc_row_base = torch.cumsum(nblk, 0, dtype=torch.int32) - nblk
-    pos = torch.arange(total, device=dev, dtype=torch.int32) if qp is None else qp
-    tok_row_base = doc_row_base[torch.searchsorted(cu[1:], pos, right=True)].to(torch.int32).contiguous()
-
     sel = topk if topk.dtype == torch.int32 else topk.to(torch.int32)
-    seg_key = torch.empty(groups * total * k, dtype=torch.int32, device=dev)
+    # Keys in [0, n_seg] (n_seg: invalid slots); shifted into int16 when they fit.
+    short = n_seg < SHORT_KEY_SEGMENTS
+    seg_key = torch.empty(groups * total * k, dtype=torch.int16 if short else torch.int32, device=dev)
     counts = torch.zeros(n_seg + 1, dtype=torch.int32, device=dev)
     if total:
         _plan_keys_kernel[(triton.cdiv(total, 64), groups)](
-            sel, tok_row_base, seg_key, counts, total, chunk, groups, n_rows, n_seg, sel.stride(0), sel.stride(1),
-            K=k, KP=next_pow2(k), B=64, num_warps=4,
+            sel, cu, rows.doc_row_end, qp if qp is not None else cu, seg_key, counts,
+            total, chunk, groups, n_rows, n_seg, cu.numel() - 1, 1 << 15 if short else 0, sel.stride(0), sel.stride(1),
+            K=k, KP=next_pow2(k), B=64, HAS_QPOS=qp is not None, num_warps=4,
         )
     perm = torch.sort(seg_key, stable=True).indices
-    counts = counts[:n_seg]
-    seg_start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
     entry_tok = torch.empty(seg_key.numel(), dtype=torch.int32, device=dev)
     entry_slot = torch.empty_like(entry_tok)
     if seg_key.numel():
@@ -192,27 +213,20 @@ def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[i
         _qpos_src=None if qpos is None else qpos.data_ptr(), cu_seqlens=cu_seqlens,
     )
     entries_per_chunk = groups * min(chunk, max(total, 1)) * k
+    sizes = sorted(set(TILE_QUERIES.values()))  # kernels asking for the same size share a tile list
+    caps = [-(-entries_per_chunk // q) + min(groups * n_rows, entries_per_chunk) for q in sizes]
+    tiles = torch.zeros((n_chunks * sum(caps), 4), dtype=torch.int32, device=dev).split([n_chunks * c for c in caps])
+    seg_tiles = torch.empty((len(sizes), 2, n_seg), dtype=torch.int32, device=dev)  # first, count
+    per_chunk = groups * n_rows
     by_size = {}
-    for q in sorted(set(TILE_QUERIES.values())):  # kernels asking for the same size share a tile list
-        cap = -(-entries_per_chunk // q) + min(groups * n_rows, entries_per_chunk)
-        by_size[q] = _cut_tiles(counts, seg_start, q, cap, n_chunks, groups, n_rows)
+    for q, cap, t, (first, count) in zip(sizes, caps, tiles, seg_tiles):
+        if n_seg:
+            _plan_tiles_kernel[(n_chunks, triton.cdiv(per_chunk, 256))](
+                counts, t, first, count, per_chunk, cap, groups, n_rows, Q=q, B=256, num_warps=4,
+            )
+        by_size[q] = Tiles(q, cap, t, first, count)
     plan.tiles = {name: by_size[q] for name, q in TILE_QUERIES.items()}
     return plan
-
-
-def _cut_tiles(counts, seg_start, q, cap, n_chunks, groups, n_rows) -> Tiles:
-    dev = counts.device
-    per_chunk = groups * n_rows
-    n_t = (counts + q - 1) // q  # tiles per segment
-    in_chunk = n_t.view(n_chunks, per_chunk)
-    base = torch.arange(0, n_chunks * cap, cap, device=dev, dtype=torch.int32).view(n_chunks, 1)
-    first = (torch.cumsum(in_chunk, 1, dtype=torch.int32) - in_chunk + base).reshape(-1)
-    tiles = torch.zeros((n_chunks * cap, 4), dtype=torch.int32, device=dev)
-    n_seg = counts.numel()
-    if n_seg:
-        _plan_tiles_kernel[(triton.cdiv(n_seg, 256),)](counts, seg_start, first, tiles, n_seg, groups, n_rows,
-                                                      Q=q, B=256, num_warps=4)
-    return Tiles(q, cap, tiles, first, n_t)
 
 
 def get_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int] = None, qpos=None, rows=None) -> SparsePlan:

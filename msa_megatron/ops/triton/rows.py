@@ -30,6 +30,7 @@ class BlockRows:
     q_hi: torch.Tensor  # [R] int32, end of the query rows in the block
     q_doc_end: torch.Tensor  # [R] int32, end of the query rows of the block's document
     n: int  # R
+    doc_row_end: torch.Tensor = None  # [documents] int32, first row after each document's rows
 
     def longest_first(self) -> torch.Tensor:
         """Row order for query-owner kernels: most key blocks to stream first."""
@@ -41,7 +42,7 @@ class BlockRows:
 
 
 @triton.jit
-def _count_below(A, n, x, RIGHT: tl.constexpr):
+def count_below(A, n, x, RIGHT: tl.constexpr):
     """Per element of x: how many of the sorted A[0:n] are < x (<= x when RIGHT); binary search."""
     lo = tl.zeros(x.shape, tl.int32)
     hi = tl.zeros(x.shape, tl.int32) + n
@@ -66,7 +67,7 @@ def _block_rows_kernel(
 ):
     r = tl.program_id(0) * B + tl.arange(0, B)
     ok = r < n_rows
-    doc = tl.minimum(_count_below(ROW_END, n_docs, r, True), n_docs - 1)
+    doc = tl.minimum(count_below(ROW_END, n_docs, r, True), n_docs - 1)
     row_base = tl.where(doc > 0, tl.load(ROW_END + doc - 1, mask=ok & (doc > 0), other=0), 0)
     blk = r - row_base
     doc_start = tl.load(CU + doc, mask=ok, other=0)
@@ -75,9 +76,9 @@ def _block_rows_kernel(
     empty = start >= doc_end
     block_end = tl.minimum(start + BLOCK_SIZE, doc_end)
     if HAS_QPOS:
-        q_lo = _count_below(QPOS, n_q, start, False)
-        q_hi = tl.where(empty, q_lo, _count_below(QPOS, n_q, block_end, False))
-        q_doc_end = _count_below(QPOS, n_q, doc_end, False)
+        q_lo = count_below(QPOS, n_q, start, False)
+        q_hi = tl.where(empty, q_lo, count_below(QPOS, n_q, block_end, False))
+        q_doc_end = count_below(QPOS, n_q, doc_end, False)
     else:
         q_lo = start
         q_hi = tl.where(empty, start, block_end)
@@ -105,7 +106,7 @@ def block_rows(cu_seqlens: torch.Tensor, n_keys: int, block: int, qpos: Optional
             n_docs, n_rows, n_keys, 0 if qp is None else qp.numel(),
             BLOCK_SIZE=block, HAS_QPOS=qp is not None, B=256, num_warps=4,
         )
-    return BlockRows(*out, n_rows)
+    return BlockRows(*out, n_rows, row_end)
 
 
 def positions(qpos: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
