@@ -13,7 +13,9 @@ Layout
   valid ones first. entry_tok = query row, entry_slot = its slot in topk[g, i, :]. A query's key
   position (for the causal mask) is qpos[query row], or the row itself when qpos is None.
 - segments: one per (chunk, group, row), each a contiguous run of entries (sorted by segment key,
-  int16 keys when they fit so the radix sort runs half the passes).
+  int16 keys when they fit so the radix sort runs half the passes); a segment's range is read off
+  the sorted keys where they change (no atomic counters: those serialised on the blocks every
+  query selects).
 - tiles: a segment cut into pieces of at most `queries` entries, one program each. Chunk c owns the
   tile slots [c * cap, (c + 1) * cap); tiles[t] = (g, row, first entry, count), count 0 for unused
   slots (then the row is 0 and the kernels do nothing with it).
@@ -104,12 +106,12 @@ def effective_chunk(chunk: int, total: int) -> int:
 
 @triton.jit
 def _plan_keys_kernel(
-    TopK, CU, DocRowEnd, QPOS, SegKey, Counts,
+    TopK, CU, DocRowEnd, QPOS, SegKey,
     total, chunk, groups, n_rows, n_seg, n_docs, key_offset, stride_tg, stride_tt,
     K: tl.constexpr, KP: tl.constexpr, B: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     """Segment key (chunk, group, row) - key_offset of every (group, query row, slot), in SegKey's
-    dtype (int16 when the keys fit: the sort then runs half the radix passes); counts per segment."""
+    dtype (int16 when the keys fit: the sort then runs half the radix passes)."""
     g = tl.program_id(1)
     i = tl.program_id(0) * B + tl.arange(0, B)
     slots = tl.arange(0, KP)
@@ -120,49 +122,56 @@ def _plan_keys_kernel(
     doc = tl.minimum(count_below(CU + 1, n_docs, key_pos(QPOS, i, q_ok, HAS_QPOS), True), n_docs - 1)
     base = tl.load(DocRowEnd + doc - 1, mask=q_ok & (doc > 0), other=0)
     key = (((i // chunk) * groups + g) * n_rows + base)[:, None] + sel
-    valid = ok & (sel >= 0)
-    key = tl.where(valid, key, n_seg)  # invalid slots sort last
+    key = tl.where(ok & (sel >= 0), key, n_seg)  # invalid slots sort last
     flat = (g.to(tl.int64) * total + i)[:, None] * K + slots[None, :]
     tl.store(SegKey + flat, (key - key_offset).to(SegKey.dtype.element_ty), mask=ok)
-    tl.atomic_add(Counts + key, tl.full(key.shape, 1, tl.int32), mask=valid)  # integer counts: order-free
 
 
 @triton.jit
-def _plan_entries_kernel(Perm, Tok, Slot, n, total, K: tl.constexpr, B: tl.constexpr):
+def _plan_entries_kernel(Perm, Keys, Tok, Slot, SegStart, SegEnd, n, total, key_offset,
+                         K: tl.constexpr, B: tl.constexpr):
+    """Sorted entry e: its query row and slot. Where the sorted key changes, a segment starts or
+    ends: [SegStart, SegEnd) of each segment with entries (the others keep 0, 0). No atomics."""
     e = tl.program_id(0) * B + tl.arange(0, B)
     ok = e < n
     flat = tl.load(Perm + e, mask=ok, other=0)
     tl.store(Tok + e, ((flat // K) % total).to(tl.int32), mask=ok)
     tl.store(Slot + e, (flat % K).to(tl.int32), mask=ok)
+    key = tl.load(Keys + e, mask=ok, other=0)
+    first = ok & ((e == 0) | (key != tl.load(Keys + e - 1, mask=ok & (e > 0), other=0)))
+    last = ok & ((e == n - 1) | (key != tl.load(Keys + e + 1, mask=ok & (e < n - 1), other=0)))
+    seg = key.to(tl.int32) + key_offset
+    tl.store(SegStart + seg, e, mask=first)
+    tl.store(SegEnd + seg, e + 1, mask=last)
 
 
 @triton.jit
-def _prefix(X, start, end, Q: tl.constexpr, B: tl.constexpr):
-    """sum of X[start:end] (Q == 1), or of the tile counts ceil(X / Q) (fixed order)."""
+def _tiles_before(SegStart, SegEnd, start, end, Q: tl.constexpr, B: tl.constexpr):
+    """Tiles of <= Q entries that segments [start, end) need (fixed order)."""
     offs = tl.arange(0, B)
     acc = 0
     for a in range(start, end, B):
-        x = tl.load(X + a + offs, mask=a + offs < end, other=0)
-        acc += tl.sum((x + Q - 1) // Q, 0)
+        m = a + offs < end
+        cnt = tl.load(SegEnd + a + offs, mask=m, other=0) - tl.load(SegStart + a + offs, mask=m, other=0)
+        acc += tl.sum((cnt + Q - 1) // Q, 0)
     return acc
 
 
 @triton.jit
-def _plan_tiles_kernel(Counts, Tiles, SegFirst, SegCount, per_chunk, cap, groups, n_rows,
+def _plan_tiles_kernel(SegStart, SegEnd, Tiles, SegFirst, SegCount, per_chunk, cap, groups, n_rows,
                        Q: tl.constexpr, B: tl.constexpr):
     """Segments [p * B, (p + 1) * B) of chunk c (program (c, p)): cut into tiles of <= Q entries,
-    placed in segment order from the chunk's tile slot c * cap (unused slots stay 0). A segment's
-    entries start at the prefix sum of the counts (entries are sorted by segment); each program
-    sums the counts before its own, so no separate scan launch is needed."""
+    placed in segment order from the chunk's tile slot c * cap (unused slots stay 0). Each program
+    counts the tiles of the chunk's segments before its own, so no separate scan launch is needed."""
     c = tl.program_id(0)
     lo = c * per_chunk + tl.program_id(1) * B
     offs = tl.arange(0, B)
     seg = lo + offs
     ok = seg < (c + 1) * per_chunk
-    cnt = tl.load(Counts + seg, mask=ok, other=0)
+    e0 = tl.load(SegStart + seg, mask=ok, other=0)
+    cnt = tl.load(SegEnd + seg, mask=ok, other=0) - e0
     n_t = (cnt + Q - 1) // Q
-    first = c * cap + _prefix(Counts, c * per_chunk, lo, Q, 1024) + tl.cumsum(n_t, 0) - n_t
-    e0 = _prefix(Counts, 0, lo, 1, 1024) + tl.cumsum(cnt, 0) - cnt
+    first = c * cap + _tiles_before(SegStart, SegEnd, c * per_chunk, lo, Q, 1024) + tl.cumsum(n_t, 0) - n_t
     tl.store(SegFirst + seg, first, mask=ok)
     tl.store(SegCount + seg, n_t, mask=ok)
     g = (seg // n_rows) % groups
@@ -172,7 +181,7 @@ def _plan_tiles_kernel(Counts, Tiles, SegFirst, SegCount, per_chunk, cap, groups
         t = (first + j).to(tl.int64) * 4
         tl.store(Tiles + t, g, mask=m)
         tl.store(Tiles + t + 1, row, mask=m)
-        tl.store(Tiles + t + 2, (e0 + j * Q).to(tl.int32), mask=m)
+        tl.store(Tiles + t + 2, e0 + j * Q, mask=m)
         tl.store(Tiles + t + 3, tl.minimum(cnt - j * Q, Q), mask=m)
 
 
@@ -193,19 +202,21 @@ def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[i
     # Keys in [0, n_seg] (n_seg: invalid slots); shifted into int16 when they fit.
     short = n_seg < SHORT_KEY_SEGMENTS
     seg_key = torch.empty(groups * total * k, dtype=torch.int16 if short else torch.int32, device=dev)
-    counts = torch.zeros(n_seg + 1, dtype=torch.int32, device=dev)
+    key_offset = 1 << 15 if short else 0
     if total:
         _plan_keys_kernel[(triton.cdiv(total, 64), groups)](
-            sel, cu, rows.doc_row_end, qp if qp is not None else cu, seg_key, counts,
-            total, chunk, groups, n_rows, n_seg, cu.numel() - 1, 1 << 15 if short else 0, sel.stride(0), sel.stride(1),
+            sel, cu, rows.doc_row_end, qp if qp is not None else cu, seg_key,
+            total, chunk, groups, n_rows, n_seg, cu.numel() - 1, key_offset, sel.stride(0), sel.stride(1),
             K=k, KP=next_pow2(k), B=64, HAS_QPOS=qp is not None, num_warps=4,
         )
-    perm = torch.sort(seg_key, stable=True).indices
+    sorted_key, perm = torch.sort(seg_key, stable=True)
+    seg_range = torch.zeros((2, n_seg + 1), dtype=torch.int32, device=dev)  # [start, end) of each segment's entries
     entry_tok = torch.empty(seg_key.numel(), dtype=torch.int32, device=dev)
     entry_slot = torch.empty_like(entry_tok)
     if seg_key.numel():
         _plan_entries_kernel[(triton.cdiv(seg_key.numel(), 1024),)](
-            perm, entry_tok, entry_slot, seg_key.numel(), max(total, 1), K=k, B=1024, num_warps=4,
+            perm, sorted_key, entry_tok, entry_slot, *seg_range, seg_key.numel(), max(total, 1), key_offset,
+            K=k, B=1024, num_warps=4,
         )
     plan = SparsePlan(
         groups, total, n_keys, k, block_size, chunk, n_chunks, n_rows, rows.key_start, rows.doc_end,
@@ -222,7 +233,7 @@ def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[i
     for q, cap, t, (first, count) in zip(sizes, caps, tiles, seg_tiles):
         if n_seg:
             _plan_tiles_kernel[(n_chunks, triton.cdiv(per_chunk, 256))](
-                counts, t, first, count, per_chunk, cap, groups, n_rows, Q=q, B=256, num_warps=4,
+                *seg_range, t, first, count, per_chunk, cap, groups, n_rows, Q=q, B=256, num_warps=4,
             )
         by_size[q] = Tiles(q, cap, t, first, count)
     plan.tiles = {name: by_size[q] for name, q in TILE_QUERIES.items()}
