@@ -30,7 +30,7 @@ class BlockRows:
     q_hi: torch.Tensor  # [R] int32, end of the query rows in the block
     q_doc_end: torch.Tensor  # [R] int32, end of the query rows of the block's document
     n: int  # R
-    doc_row_end: torch.Tensor = None  # [documents] int32, first row after each document's rows
+    doc_row_end: torch.Tensor  # [documents] int32, first row after each document's rows
 
     def longest_first(self) -> torch.Tensor:
         """Row order for query-owner kernels: most key blocks to stream first."""
