@@ -139,6 +139,49 @@ def test_sparse_attention_forward_backward(hq, hkv, d):
         assert rel(got, want) < TOL
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(16, 2, 128), (32, 2, 128), (64, 2, 64), (64, 1, 128)])
+def test_hopper_backward_matches_its_triton_twin(hq, hkv, d, monkeypatch):
+    """The Gluon backward (sm_90) and the Triton kernel on the same inputs: the plain backward and
+    the training path (KL teacher built in the backward), both against float64; the Gluon one
+    must have run."""
+    from msa_megatron import ops
+    from msa_megatron.ops import triton as tri
+    from msa_megatron.ops.triton import sparse_attn, sparse_bwd_hopper
+
+    dev = _cuda()
+    if torch.cuda.get_device_capability(dev) != (9, 0):
+        pytest.fail("the Hopper backward needs an sm_90 GPU (H100 / H200)")
+    launches = []
+    launch = sparse_bwd_hopper.HopperBackward.launch
+    monkeypatch.setattr(sparse_bwd_hopper.HopperBackward, "launch",
+                        lambda self, *a: launches.append(1) or launch(self, *a))
+    q, k, v, qi, ki, cu = make(LENGTHS, hq, hkv, d=d, seed=23, dev=dev)
+    shape = shape_for(d, 128, LENGTHS)
+    sel, ilse = tri.select_blocks(qi, ki, cu, shape)
+    do = torch.randn(q.shape, device=dev, dtype=q.dtype)
+    runs = {}
+    for hopper in (True, False):
+        monkeypatch.setitem(sparse_attn.CONFIG, "bwd_hopper", hopper)
+        qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        o, _ = tri.sparse_attention(qg, kg, vg, sel, cu, shape)
+        o.backward(do)
+        plain = [qg.grad, kg.grad, vg.grad]
+        qg, kg, vg, qig, kig = [t.clone().requires_grad_(True) for t in (q, k, v, qi, ki)]
+        o, kl, value = ops.sparse_attention_with_kl(qg, kg, vg, qig, kig, sel, ilse, cu, shape, "triton", 2 * hkv)
+        torch.autograd.backward([o, 0.5 * kl], [do, torch.ones((), device=dev)])
+        runs[hopper] = plain + [qg.grad, kg.grad, vg.grad, value, qig.grad, kig.grad]
+    assert launches, "the Gluon backward did not run"
+    qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]
+    o_r, _ = ref.sparse_attention(qd, kd, vd, sel, cu, 128)
+    o_r.backward(do.double())
+    want = [qd.grad, kd.grad, vd.grad] * 2
+    for got_h, got_t, w in zip(runs[True][:6], runs[False][:6], want):
+        assert rel(got_h, w) < TOL and rel(got_t, w) < TOL
+        assert rel(got_h, got_t.double()) < TOL
+    for got_h, got_t in zip(runs[True][6:], runs[False][6:]):
+        assert rel(got_h, got_t.double()) < 1e-3
+
+
 def test_sparse_equals_dense_kernels_for_short_documents():
     from msa_megatron.ops import triton as tri
 

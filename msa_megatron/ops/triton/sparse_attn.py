@@ -30,9 +30,11 @@ LN2 = 0.6931471805599453
 # its traffic, slightly smaller error; default bf16). fwd_prefetch: gather a forward step's query
 # rows one step ahead (see the kernel). kl_in_backward: training steps of the sparse
 # stage build the KL teacher in this backward (attention_kl.py) instead of a separate KL pass.
+# bwd_hopper: on an sm_90 GPU, the backward runs the Gluon kernel of sparse_bwd_hopper.py where it
+# serves the shapes (the Triton kernel below is its twin and the fallback).
 CONFIG = {
     "fwd_rows": 64, "fwd_warps": 4, "fwd_stages": 1, "fwd_prefetch": True,
-    "bwd_rows": 64, "bwd_warps": 8, "bwd_stages": 3,
+    "bwd_rows": 64, "bwd_warps": 8, "bwd_stages": 3, "bwd_hopper": True,
     "dq_part_fp32": False, "kl_in_backward": True,
 }
 
@@ -411,6 +413,17 @@ def _block_ws_sum_kernel(
         tl.store(ptr, acc, mask=mask)
 
 
+def _hopper_backward(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int):
+    """The Gluon backward's launcher for this call, or None where the Triton kernel runs."""
+    if not (CONFIG["bwd_hopper"] and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return None
+    from msa_megatron.ops.triton import sparse_bwd_hopper
+
+    if not sparse_bwd_hopper.serves(q, k, v, do, lse, delta, dq_part, block_m, block_n):
+        return None
+    return sparse_bwd_hopper.HopperBackward(q, k, v, do, lse, delta, dq_part)
+
+
 def teacher_in_backward(r: int) -> bool:
     """The backward can hand the KL its teacher when a step's rows are whole queries' r heads."""
     return r & (r - 1) == 0 and max(CONFIG["bwd_rows"], r) % r == 0
@@ -442,6 +455,7 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
     if with_teacher and not teacher_in_backward(r):
         raise ValueError(f"the backward cannot build the KL teacher for {r} heads per group")
     teacher = new_buffer((nslot, chunk, groups, bn), torch.float32, q.device) if with_teacher else dq_part
+    hopper = _hopper_backward(q, k, v, do, lse, delta, dq_part, block_m, bn)
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
@@ -450,19 +464,23 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
             dv_ws = new_buffer((t1 - t0, bn, D), torch.float32, q.device)
             seg0 = c * groups * plan.n_rows
             with timed("sparse bwd kernel"):
-                _sparse_bwd_kernel[(t1 - t0,)](
-                    q, k, v, do, lse, delta, dq_part, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse), teacher,
-                    tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
-                    tiles.seg_tile_count,
-                    t0, q0, seg0, plan.n_rows,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    do.stride(0), do.stride(1), lse.stride(0),
-                    dq_part.stride(0), dq_part.stride(1), dq_part.stride(2), dk_acc.stride(0), dk_acc.stride(1),
-                    teacher.stride(0), teacher.stride(1), teacher.stride(2),
-                    softmax_scale, softmax_scale * LOG2E,
-                    HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=bn, HAS_QPOS=plan.has_qpos,
-                    WITH_TEACHER=with_teacher, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
-                )
+                if hopper is not None:
+                    hopper.launch(t1 - t0, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse), teacher, plan, tiles,
+                                  t0, q0, seg0, softmax_scale, plan.has_qpos, with_teacher)
+                else:
+                    _sparse_bwd_kernel[(t1 - t0,)](
+                        q, k, v, do, lse, delta, dq_part, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse), teacher,
+                        tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
+                        tiles.seg_tile_count,
+                        t0, q0, seg0, plan.n_rows,
+                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                        do.stride(0), do.stride(1), lse.stride(0),
+                        dq_part.stride(0), dq_part.stride(1), dq_part.stride(2), dk_acc.stride(0), dk_acc.stride(1),
+                        teacher.stride(0), teacher.stride(1), teacher.stride(2),
+                        softmax_scale, softmax_scale * LOG2E,
+                        HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=bn, HAS_QPOS=plan.has_qpos,
+                        WITH_TEACHER=with_teacher, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
+                    )
             for ws, acc in ((dk_ws, dk_acc), (dv_ws, dv_acc)):
                 with timed("bwd dK/dV workspace sum"):
                     _block_ws_sum_kernel[(plan.n_rows, groups)](
