@@ -36,6 +36,10 @@ def markdown(results):
         "with its index gradients, forward and backward.",
         "",
     ]
+    if results.get("config", {}).get("attn", {}).get("bwd_hopper"):
+        lines += ["On an sm_90 GPU the sparse backward rows ran the Gluon kernel "
+                  "(`msa_megatron/ops/triton/sparse_bwd_hopper.py`, knob `bwd_hopper`); the Triton kernel is its "
+                  "twin and the fallback. Design and measurements: `docs/kernel_notes.md`.", ""]
     checks = results.get("checks", {})
     if checks:
         lines += ["Correctness before timing (relative error vs the float64 reference; selection = fraction of "
