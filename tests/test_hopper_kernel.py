@@ -34,9 +34,11 @@ def _tensors(r=16, d=128, total=256, groups=2, dtype=torch.bfloat16):
 @pytest.mark.parametrize("r,d", [(8, 128), (16, 128), (32, 64), (64, 128)])
 def test_serves_the_shapes_it_was_built_for(r, d):
     assert hopper.serves(*_tensors(r, d), 64, 128)
+    assert hopper.serves(*_tensors(r, d), 64, 128, torch.empty(2**31 - 1, device="meta"))
 
 
-@pytest.mark.parametrize("change", ["r=4", "d=96", "fp32 dq", "fp32 q", "offset", "strided", "block 64", "rows 32"])
+@pytest.mark.parametrize("change", ["r=4", "d=96", "fp32 dq", "fp32 q", "offset", "strided", "block 64", "rows 32",
+                                    "teacher 2^31"])
 def test_leaves_other_calls_to_the_triton_kernel(change):
     t = _tensors(r=4 if change == "r=4" else 16, d=96 if change == "d=96" else 128)
     block_m, block_n = (32 if change == "rows 32" else 64), (64 if change == "block 64" else 128)
@@ -48,7 +50,9 @@ def test_leaves_other_calls_to_the_triton_kernel(change):
         t[0] = torch.zeros(t[0].numel() + 8, dtype=t[0].dtype)[1:t[0].numel() + 1].view(t[0].shape)
     if change == "strided":
         t[3] = torch.zeros(t[3].shape[0] * 2, *t[3].shape[1:], dtype=t[3].dtype)[::2]
-    assert not hopper.serves(*t, block_m, block_n)
+    # the kernel's teacher offsets are int32: a teacher buffer of 2^31 elements is not its to write
+    teacher = torch.empty(2**31 if change == "teacher 2^31" else 2**31 - 1, device="meta")
+    assert not hopper.serves(*t, block_m, block_n, teacher)
 
 
 def _cuobjdump():

@@ -413,13 +413,13 @@ def _block_ws_sum_kernel(
         tl.store(ptr, acc, mask=mask)
 
 
-def _hopper_backward(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int):
+def _hopper_backward(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int, teacher):
     """The Gluon backward's launcher for this call, or None where the Triton kernel runs."""
     if not (CONFIG["bwd_hopper"] and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return None
     from msa_megatron.ops.triton import sparse_bwd_hopper
 
-    if not sparse_bwd_hopper.serves(q, k, v, do, lse, delta, dq_part, block_m, block_n):
+    if not sparse_bwd_hopper.serves(q, k, v, do, lse, delta, dq_part, block_m, block_n, teacher):
         return None
     return sparse_bwd_hopper.HopperBackward(q, k, v, do, lse, delta, dq_part)
 
@@ -455,7 +455,7 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
     if with_teacher and not teacher_in_backward(r):
         raise ValueError(f"the backward cannot build the KL teacher for {r} heads per group")
     teacher = new_buffer((nslot, chunk, groups, bn), torch.float32, q.device) if with_teacher else dq_part
-    hopper = _hopper_backward(q, k, v, do, lse, delta, dq_part, block_m, bn)
+    hopper = _hopper_backward(q, k, v, do, lse, delta, dq_part, block_m, bn, teacher if with_teacher else None)
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
