@@ -103,3 +103,30 @@ def test_sm90_build_has_no_spills_and_fits_shared_memory(r, d, has_qpos, with_te
     assert stack and int(stack.group(1)) == 0, usage
     # the producer warp hands its registers to the two consumer warpgroups
     assert "setmaxnreg.dec.sync.aligned.u32 24" in kernel.asm["ptx"].replace("\t", " ").replace("  ", " ")
+
+
+@pytest.mark.parametrize("with_qpos", [False, True])
+def test_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
+    """HopperBackward.launch against the kernel's signature (a recorder stands in for the launch):
+    every parameter bound once, qpos and HAS_QPOS taken from the plan."""
+    from types import SimpleNamespace
+
+    q, k, v, do, lse, delta, dq_part = _tensors()
+    ints = lambda n: torch.zeros(n, dtype=torch.int32)  # noqa: E731
+    qpos = ints(q.shape[0])
+    plan = SimpleNamespace(entry_tok=ints(8), entry_slot=ints(8), row_key_start=ints(4), row_key_end=ints(4),
+                           n_rows=4, chunk=q.shape[0], has_qpos=with_qpos,
+                           qpos_arg=lambda fallback: qpos if with_qpos else fallback)
+    tiles = SimpleNamespace(tiles=ints(16), seg_tile_count=ints(8))
+    calls = []
+    kernel_fn = hopper._sparse_bwd_hopper_kernel.fn
+    recorder = type("Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **kw: calls.append((grid, a, kw))})
+    monkeypatch.setattr(hopper, "_sparse_bwd_hopper_kernel", recorder())
+    ws, acc, teacher = torch.zeros(1), torch.zeros(q.shape[0], 2, 128), torch.zeros(16, q.shape[0], 2, 128)
+    hopper.HopperBackward(q, k, v, do, lse, delta, dq_part).launch(3, ws, ws, acc, acc, teacher, plan, tiles, 0, 0, 0,
+                                                                   0.1, True)
+    (grid, args, kwargs), = calls
+    assert grid == (3,) and kwargs.pop("num_warps") == hopper.NUM_WARPS
+    bound = inspect.signature(kernel_fn).bind(*args, **kwargs).arguments
+    assert bound["QPOS"] is (qpos if with_qpos else lse) and bound["HAS_QPOS"] is with_qpos
+    assert bound["LSE"] is lse and bound["TEACHER"] is teacher and bound["R"] == 16 and bound["WITH_TEACHER"]

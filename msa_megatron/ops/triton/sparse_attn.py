@@ -465,8 +465,8 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
             seg0 = c * groups * plan.n_rows
             with timed("sparse bwd kernel"):
                 if hopper is not None:
-                    hopper.launch(t1 - t0, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse), teacher, plan, tiles,
-                                  t0, q0, seg0, softmax_scale, plan.has_qpos, with_teacher)
+                    hopper.launch(t1 - t0, dk_ws, dv_ws, dk_acc, dv_acc, teacher, plan, tiles, t0, q0, seg0,
+                                  softmax_scale, with_teacher)
                 else:
                     _sparse_bwd_kernel[(t1 - t0,)](
                         q, k, v, do, lse, delta, dq_part, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse), teacher,

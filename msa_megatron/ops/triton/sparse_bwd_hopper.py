@@ -112,6 +112,12 @@ def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delt
 
 
 @gluon.jit
+def _query_value(vals, jq, j: gl.constexpr):
+    """Query j's entry of a step's per-query vector (held whole by every thread: a local sum)."""
+    return gl.sum(gl.where(jq == j, vals, 0), 0)
+
+
+@gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready, empty,
               kv_bar, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
               g, row, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale, qk_scale,
@@ -169,7 +175,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
             q_in = gl.arange(0, BLOCK_M, layout=col_layout) // R
             kpos = gl.full([BLOCK_M], -1, gl.int32, col_layout)
             for j in gl.static_range(BQ):
-                kpos = gl.where(q_in == j, gl.sum(gl.where(jq == j, kpos_q, 0), 0), kpos)
+                kpos = gl.where(q_in == j, _query_value(kpos_q, jq, j), kpos)
             visible = (key_tok[:, None] <= kpos[None, :]) & (key_tok < key_end)[:, None]
             p = gl.where(visible, gl.exp2(s), 0.0)
         if WITH_TEACHER:
@@ -204,7 +210,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
         fence_async_shared()
         gl.thread_barrier()
         for j in gl.static_range(BQ):
-            row_j = gl.sum(gl.where(jq == j, dq_row, 0), 0)
+            row_j = _query_value(dq_row, jq, j)
             if row_j >= 0:
                 tma.async_copy_shared_to_global(dq_desc, [row_j, 0], dq_smem.slice(j * R, R))
     tma.store_wait(0)
@@ -302,16 +308,16 @@ class HopperBackward:
         self.lse, self.delta = lse, delta
         self.hq, self.d = hq, d
 
-    def launch(self, n_tiles, dk_ws, dv_ws, dk_acc, dv_acc, qpos, teacher, plan, tiles, t0, q0, seg0,
-               softmax_scale, has_qpos, with_teacher):
+    def launch(self, n_tiles, dk_ws, dv_ws, dk_acc, dv_acc, teacher, plan, tiles, t0, q0, seg0, softmax_scale,
+               with_teacher):
         _sparse_bwd_hopper_kernel[(n_tiles,)](
             self.q_desc, self.do_desc, self.k_desc, self.v_desc, self.dq_desc, self.lse, self.delta,
-            dk_ws, dv_ws, dk_acc, dv_acc, qpos, teacher,
+            dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(self.lse), teacher,
             tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
             tiles.seg_tile_count,
             t0, q0, seg0, plan.n_rows, plan.chunk,
             dk_acc.stride(0), dk_acc.stride(1), teacher.stride(0), teacher.stride(1), teacher.stride(2),
             softmax_scale, softmax_scale * LOG2E,
             H=self.hq, D=self.d, R=self.r, BLOCK_M=64, BLOCK_N=128, STAGES=STAGES,
-            HAS_QPOS=has_qpos, WITH_TEACHER=with_teacher, num_warps=NUM_WARPS,
+            HAS_QPOS=plan.has_qpos, WITH_TEACHER=with_teacher, num_warps=NUM_WARPS,
         )
