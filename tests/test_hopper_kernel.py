@@ -75,8 +75,8 @@ def _compile_sm90(r, d, has_qpos, with_teacher):
 
     fn = hopper._sparse_bwd_hopper_kernel
     kinds = dict(q_desc=rows(r), do_desc=rows(r), k_desc=rows(128), v_desc=rows(128), dq_desc=rows(r),
-                 sm_scale="fp32", qk_scale="fp32", QPOS="*i32", tiles="*i32", entry_tok="*i32", entry_slot="*i32",
-                 row_key_start="*i32", row_key_end="*i32", seg_tile_count="*i32")
+                 sm_scale="fp32", qk_scale="fp32", QPOS="*i32", tiles="*i32", order="*i32", entry_tok="*i32",
+                 entry_slot="*i32", row_key_start="*i32", row_key_end="*i32", seg_tile_count="*i32")
     consts = dict(H=4 * r, D=d, R=r, BLOCK_M=64, BLOCK_N=128, STAGES=hopper.STAGES, HAS_QPOS=has_qpos,
                   WITH_TEACHER=with_teacher)
     signature, constexprs, attrs = {}, {}, {}
@@ -117,7 +117,7 @@ def test_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
     plan = SimpleNamespace(entry_tok=ints(8), entry_slot=ints(8), row_key_start=ints(4), row_key_end=ints(4),
                            n_rows=4, chunk=q.shape[0], has_qpos=with_qpos,
                            qpos_arg=lambda fallback: qpos if with_qpos else fallback)
-    tiles = SimpleNamespace(tiles=ints(16), seg_tile_count=ints(8))
+    tiles = SimpleNamespace(tiles=ints(16), order=ints(16), seg_tile_count=ints(8))
     calls = []
     kernel_fn = hopper._sparse_bwd_hopper_kernel.fn
     recorder = type("Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **kw: calls.append((grid, a, kw))})

@@ -114,6 +114,13 @@ else:
         for seg, (first, n) in enumerate(zip(bwd.seg_tile_first.tolist(), bwd.seg_tile_count.tolist())):
             g, row = (seg // plan.n_rows) % plan.groups, seg % plan.n_rows
             assert all(bwd.tiles[first + j, :2].tolist() == [g, row] for j in range(n))
+        for tiles in plan.tiles.values():  # a chunk's programs take its own tiles, each once, longest first
+            for c in range(plan.n_chunks):
+                t0, t1 = tiles.chunk_range(c)
+                order = tiles.order[t0:t1].tolist()
+                assert sorted(order) == list(range(t0, t1))
+                counts = tiles.tiles[order, 3].tolist()
+                assert counts == sorted(counts, reverse=True)
 
     @pytest.mark.parametrize("hq,hkv,d,k,prefetch",
                              [(4, 2, 16, 3, False), (3, 1, 24, 2, True), (16, 1, 16, 5, True), (2, 2, 32, 1, False)])

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
-from msa_megatron.ops.triton.plan import SparsePlan, load_tile
+from msa_megatron.ops.triton.plan import SparsePlan, load_tile, program_tile
 from msa_megatron.ops.triton.rows import block_rows, key_pos, positions
 from msa_megatron.ops.triton.sparse_attn import _block_ws_sum_kernel, slot_sum
 
@@ -54,7 +54,7 @@ CONFIG = {
 @triton.jit
 def _kl_sparse_kernel(
     Q, K, QI, KI, LSE, ILSE, DQI_part, DKI_ws, KL_tile, QPOS, TEACHER,
-    tiles, entry_tok, entry_slot, row_key_start, row_key_end,
+    tiles, order, entry_tok, entry_slot, row_key_start, row_key_end,
     tile0, q0,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
     stride_lt, stride_lh, stride_ig, stride_ps, stride_pt, stride_pg, stride_px, stride_ts, stride_tt, stride_tg,
@@ -71,9 +71,8 @@ def _kl_sparse_kernel(
     dki of the slice accumulates in registers and goes to the tile's workspace rows; each (query,
     slot)'s dqi share of the slice goes to its partial (one per slice, summed by slot_sum).
     """
-    t_local = tl.program_id(0)
+    t_local, t = program_tile(order, tile0)
     x = tl.program_id(1)
-    t = tile0 + t_local
     g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -165,7 +164,7 @@ class SparseKL:
         dqi_part = self.dqi_part
         args = (
             q, k, qi, ki2, lse, self.index_lse, dqi_part, ws, self.kl_tile, plan.qpos_arg(self.index_lse), t,
-            tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
+            tiles.tiles, tiles.order, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
             t0, q0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
             lse.stride(0), lse.stride(1), self.index_lse.stride(0), dqi_part.stride(1), dqi_part.stride(2),

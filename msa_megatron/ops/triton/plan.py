@@ -38,7 +38,7 @@ from msa_megatron.ops.triton.rows import count_below, block_rows, key_pos, posit
 
 # Queries per program for each kernel family (any value works; these balance launch count and
 # padding). Keys are the names the kernels ask for.
-TILE_QUERIES = {"fwd": 128, "bwd": 256, "kl": 128, "ilse": 256}
+TILE_QUERIES = {"fwd": 256, "bwd": 1024, "kl": 128, "ilse": 256}
 # Segment keys are sorted as int16 below this many segments (else int32).
 SHORT_KEY_SEGMENTS = 1 << 16
 
@@ -50,6 +50,7 @@ class Tiles:
     tiles: torch.Tensor  # [n_chunks * cap, 4] int32: g, row, entry start, entry count
     seg_tile_first: torch.Tensor  # [n_seg] int32: slot of each segment's first tile
     seg_tile_count: torch.Tensor  # [n_seg] int32: tiles of each segment
+    order: torch.Tensor  # [n_chunks * cap] int32: the tile each program of a chunk's launch takes
 
     def chunk_range(self, c: int):
         return c * self.cap, (c + 1) * self.cap
@@ -235,7 +236,13 @@ def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[i
             _plan_tiles_kernel[(n_chunks, triton.cdiv(per_chunk, 256))](
                 *seg_range, t, first, count, per_chunk, cap, groups, n_rows, Q=q, B=256, num_warps=4,
             )
-        by_size[q] = Tiles(q, cap, t, first, count)
+        # A chunk's programs take its tiles longest first, so the launch ends on short tiles rather
+        # than waiting on a few full ones; tile slots (and the workspace rows named by them) keep
+        # segment order, so every sum is unchanged.
+        by_cap = t.view(n_chunks, cap, 4)[:, :, 3]
+        order = torch.sort(by_cap, dim=1, descending=True, stable=True).indices
+        order += torch.arange(0, n_chunks * cap, cap, device=dev)[:, None]
+        by_size[q] = Tiles(q, cap, t, first, count, order.to(torch.int32).view(-1))
     plan.tiles = {name: by_size[q] for name, q in TILE_QUERIES.items()}
     return plan
 
@@ -265,6 +272,13 @@ def get_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int
     except (AttributeError, RuntimeError):
         pass
     return plan
+
+
+@triton.jit
+def program_tile(order, tile0):
+    """(slot in this launch's tile range, tile index) of this program: see Tiles.order."""
+    t = tl.load(order + tile0 + tl.program_id(0))
+    return t - tile0, t
 
 
 @triton.jit

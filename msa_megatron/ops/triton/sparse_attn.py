@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
-from msa_megatron.ops.triton.plan import SparsePlan, load_tile
+from msa_megatron.ops.triton.plan import SparsePlan, load_tile, program_tile
 from msa_megatron.ops.triton.rows import key_pos
 
 LOG2E = 1.4426950408889634
@@ -45,7 +45,7 @@ CONFIG = {
 @triton.jit
 def _sparse_fwd_kernel(
     Q, K, V, O_part, L_part, QPOS,
-    tiles, entry_tok, entry_slot, row_key_start, row_key_end,
+    tiles, order, entry_tok, entry_slot, row_key_start, row_key_end,
     tile0, q0,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
@@ -53,7 +53,7 @@ def _sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    t = tile0 + tl.program_id(0)
+    _, t = program_tile(order, tile0)
     g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -187,8 +187,8 @@ def sparse_forward(q, k, v, topk, plan: SparsePlan, softmax_scale: float):
             with timed("sparse fwd kernel"):
                 _sparse_fwd_kernel[(t1 - t0,)](
                     q, k, v, o_part, l_part, plan.qpos_arg(lse),
-                    tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
-                    t0, q0,
+                    tiles.tiles, tiles.order, plan.entry_tok, plan.entry_slot, plan.row_key_start,
+                    plan.row_key_end, t0, q0,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
                     softmax_scale * LOG2E,
@@ -244,7 +244,7 @@ def attention_delta(o, do, dlse):
 @triton.jit
 def _sparse_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ_part, DK_ws, DV_ws, DK_acc, DV_acc, QPOS, TEACHER,
-    tiles, entry_tok, entry_slot, row_key_start, row_key_end, seg_tile_count,
+    tiles, order, entry_tok, entry_slot, row_key_start, row_key_end, seg_tile_count,
     tile0, q0, seg0, n_rows,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_lt, stride_ps, stride_pt, stride_ph, stride_at, stride_ag, stride_ts, stride_tt, stride_tg,
@@ -262,8 +262,7 @@ def _sparse_bwd_kernel(
     teacher's: their mean over each query's r heads goes to TEACHER[slot, query - q0, g, key], so
     the KL needs no second pass over the main scores.
     """
-    tl_local = tl.program_id(0)
-    t = tile0 + tl_local
+    tl_local, t = program_tile(order, tile0)
     g, row, e0, cnt, key_start, key_end = load_tile(tiles, t, row_key_start, row_key_end)
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -470,8 +469,8 @@ def sparse_backward(do, q, k, v, o, lse, dlse, topk, plan: SparsePlan, softmax_s
                 else:
                     _sparse_bwd_kernel[(t1 - t0,)](
                         q, k, v, do, lse, delta, dq_part, dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(lse), teacher,
-                        tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
-                        tiles.seg_tile_count,
+                        tiles.tiles, tiles.order, plan.entry_tok, plan.entry_slot, plan.row_key_start,
+                        plan.row_key_end, tiles.seg_tile_count,
                         t0, q0, seg0, plan.n_rows,
                         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                         do.stride(0), do.stride(1), lse.stride(0),

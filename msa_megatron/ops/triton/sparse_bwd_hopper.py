@@ -11,8 +11,9 @@ thread, spills, a CTA barrier at every layout change: docs/kernel_notes.md, roun
 query's r heads are one contiguous [r, d] box of Q and dO, so a producer warp brings a step's rows
 into shared memory by TMA one step ahead of their use, with their lse and delta and the step's
 per-query facts; K and V stay in shared memory; the five products are asynchronous wgmmas of two
-consumer warpgroups; dQ leaves through shared memory by TMA stores. H100, 128K: 72.4 -> 47.8 ms
-for the kernel (docs/kernel_notes.md, round 7).
+consumer warpgroups; dQ leaves through shared memory by TMA stores while dK's product still runs.
+H100, 128K: 72.4 -> 47.8 ms for the kernel (round 7), -> ~46.5 ms with the overlapped dQ stores
+(round 8; docs/kernel_notes.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 LOG2E = 1.4426950408889634
 _LOG2E = gl.constexpr(LOG2E)
 NUM_WARPS = 8  # two warpgroups, each owning 64 of the block's 128 keys
-STAGES = 2  # query-row buffers in flight: the next step's rows load during this step
+STAGES = 3  # query-row buffers: a step's rows are released half-way through the next step (below)
 PRODUCER_REGS = gl.constexpr(24)  # the loading warp needs few registers; the rest go to the consumers
 
 
@@ -120,7 +121,7 @@ def _query_value(vals, jq, j: gl.constexpr):
 @gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready, empty,
               kv_bar, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
-              g, row, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale, qk_scale,
+              g, row, slot, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale, qk_scale,
               D: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, WITH_TEACHER: gl.constexpr):
     """Two warpgroups: the five products of every step, dQ shares out, dK/dV at the end."""
@@ -196,23 +197,28 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
         ds_cur.store(ds)
         fence_async_shared()
         gl.thread_barrier()
-        dk = warpgroup_mma(ds_cur, qs, dk, is_async=True)
+        # Every thread has waited for the previous step's dK, the last reader of its Q rows: that
+        # step's buffers go back to the producer.
+        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > 0)
+        # dQ is issued before dK so that its shares leave (below) while dK still runs.
         dq_tok = warpgroup_mma(ds_cur.permute((1, 0)), k_cur,
                                gl.zeros([BLOCK_M, D], gl.float32, dq_layout), use_acc=False, is_async=True)
-        dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq_tok))
-
-        # dQ shares: registers -> shared memory -> one TMA store per query (its r rows)
+        dk = warpgroup_mma(ds_cur, qs, dk, is_async=True)
+        dv, dq = warpgroup_mma_wait(1, deps=(dv, dq_tok))
         dq_row = meta_smem.index(st * META_ROWS + META_DQ_ROW).load(q_layout)
-        tma.store_wait(0)
-        gl.thread_barrier()  # also: every warp is done with this step's buffers
-        mbarrier.arrive(empty.index(st))
-        dq_smem.store((dq * sm_scale).to(dtype))
+        # dQ shares: registers -> shared memory -> one TMA store per query (its r rows). Two
+        # buffers: the wait before the barrier retires the previous step's stores (the other
+        # buffer), so the next step may overwrite that one without a barrier of its own.
+        dq_buf = dq_smem.index(step % 2)
+        dq_buf.store((dq * sm_scale).to(dtype))
         fence_async_shared()
+        tma.store_wait(0)
         gl.thread_barrier()
         for j in gl.static_range(BQ):
             row_j = _query_value(dq_row, jq, j)
             if row_j >= 0:
-                tma.async_copy_shared_to_global(dq_desc, [row_j, 0], dq_smem.slice(j * R, R))
+                tma.async_copy_shared_to_global(dq_desc, [row_j, 0], dq_buf.slice(j * R, R))
+        dk = warpgroup_mma_wait(0, deps=(dk,))
     tma.store_wait(0)
 
     # dK / dV of this tile: straight into the accumulators when the tile is its block's only one in
@@ -225,7 +231,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
         gl.store(DK_acc + acc, gl.load(DK_acc + acc, mask=kv_mask, other=0.0) + dk * sm_scale, mask=kv_mask)
         gl.store(DV_acc + acc, gl.load(DV_acc + acc, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
     else:
-        ws = gl.program_id(0).to(gl.int64) * BLOCK_N * D + kl[:, None] * D + dd[None, :]
+        ws = slot.to(gl.int64) * BLOCK_N * D + kl[:, None] * D + dd[None, :]
         gl.store(DK_ws + ws, dk * sm_scale)
         gl.store(DV_ws + ws, dv)
 
@@ -234,7 +240,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
 def _sparse_bwd_hopper_kernel(
     q_desc, do_desc, k_desc, v_desc, dq_desc, LSE, DELTA,
     DK_ws, DV_ws, DK_acc, DV_acc, QPOS, TEACHER,
-    tiles, entry_tok, entry_slot, row_key_start, row_key_end, seg_tile_count,
+    tiles, order, entry_tok, entry_slot, row_key_start, row_key_end, seg_tile_count,
     tile0, q0, seg0, n_rows, chunk,
     stride_at, stride_ag, stride_ts, stride_tt, stride_tg,
     sm_scale, qk_scale,
@@ -242,7 +248,7 @@ def _sparse_bwd_hopper_kernel(
     STAGES: gl.constexpr, HAS_QPOS: gl.constexpr, WITH_TEACHER: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
-    t = tile0 + gl.program_id(0)
+    t = gl.load(order + tile0 + gl.program_id(0))  # longest tiles first (plan.Tiles.order)
     g = gl.load(tiles + t * 4)
     row = gl.load(tiles + t * 4 + 1)
     e0 = gl.load(tiles + t * 4 + 2)
@@ -260,7 +266,7 @@ def _sparse_bwd_hopper_kernel(
         meta_smem = gl.allocate_shared_memory(gl.int32, [STAGES * META_ROWS, BLOCK_M // R], plain)
         ds_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, BLOCK_M],
                                             gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
-        dq_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], dq_desc.layout)
+        dq_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], dq_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -275,7 +281,8 @@ def _sparse_bwd_hopper_kernel(
         gl.warp_specialize([
             (_consumer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready,
                          empty, kv_bar, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
-                         g, row, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale, qk_scale,
+                         g, row, t - tile0, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale,
+                         qk_scale,
                          D, R, BLOCK_M, BLOCK_N, STAGES, WITH_TEACHER)),
             (_producer, (q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ready,
                          empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk, stride_ts, stride_tt, stride_tg,
@@ -313,7 +320,7 @@ class HopperBackward:
         _sparse_bwd_hopper_kernel[(n_tiles,)](
             self.q_desc, self.do_desc, self.k_desc, self.v_desc, self.dq_desc, self.lse, self.delta,
             dk_ws, dv_ws, dk_acc, dv_acc, plan.qpos_arg(self.lse), teacher,
-            tiles.tiles, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
+            tiles.tiles, tiles.order, plan.entry_tok, plan.entry_slot, plan.row_key_start, plan.row_key_end,
             tiles.seg_tile_count,
             t0, q0, seg0, plan.n_rows, plan.chunk,
             dk_acc.stride(0), dk_acc.stride(1), teacher.stride(0), teacher.stride(1), teacher.stride(2),
