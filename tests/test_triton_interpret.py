@@ -114,13 +114,21 @@ else:
         for seg, (first, n) in enumerate(zip(bwd.seg_tile_first.tolist(), bwd.seg_tile_count.tolist())):
             g, row = (seg // plan.n_rows) % plan.groups, seg % plan.n_rows
             assert all(bwd.tiles[first + j, :2].tolist() == [g, row] for j in range(n))
+        n_cls, seen = plan_mod.TILE_LENGTH_CLASSES, set()
         for tiles in plan.tiles.values():  # a chunk's programs take its own tiles, each once, longest first
+            counts, q = tiles.tiles[:, 3].tolist(), tiles.queries
+
+            def launch_class(t):  # full tiles, partial ones by length class (longer first), unused slots
+                return 0 if counts[t] == q else n_cls if counts[t] == 0 else 1 + (q - counts[t]) * (n_cls - 1) // q
+
             for c in range(plan.n_chunks):
                 t0, t1 = tiles.chunk_range(c)
                 order = tiles.order[t0:t1].tolist()
                 assert sorted(order) == list(range(t0, t1))
-                counts = tiles.tiles[order, 3].tolist()
-                assert counts == sorted(counts, reverse=True)
+                keys = [(launch_class(t), t) for t in order]  # segment (slot) order within a class
+                assert keys == sorted(keys)
+                seen |= {k for k, _ in keys}
+        assert len(seen) > 3 or lengths is not LENGTHS  # full tiles, partial ones of several classes, unused
 
     @pytest.mark.parametrize("hq,hkv,d,k,prefetch",
                              [(4, 2, 16, 3, False), (3, 1, 24, 2, True), (16, 1, 16, 5, True), (2, 2, 32, 1, False)])

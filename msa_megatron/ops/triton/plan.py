@@ -39,6 +39,10 @@ from msa_megatron.ops.triton.rows import count_below, block_rows, key_pos, posit
 # Queries per program for each kernel family (any value works; these balance launch count and
 # padding). Keys are the names the kernels ask for.
 TILE_QUERIES = {"fwd": 256, "bwd": 1024, "kl": 128, "ilse": 256}
+# A chunk's programs take its tiles longest first (full ones, then partial ones in this many - 1
+# length classes), so a launch ends on short tiles instead of waiting on a few full ones. Tile
+# slots, and the workspace rows named by them, keep segment order: every sum is unchanged.
+TILE_LENGTH_CLASSES = 8
 # Segment keys are sorted as int16 below this many segments (else int32).
 SHORT_KEY_SEGMENTS = 1 << 16
 
@@ -147,34 +151,49 @@ def _plan_entries_kernel(Perm, Keys, Tok, Slot, SegStart, SegEnd, n, total, key_
 
 
 @triton.jit
-def _tiles_before(SegStart, SegEnd, start, end, Q: tl.constexpr, B: tl.constexpr):
-    """Tiles of <= Q entries that segments [start, end) need (fixed order)."""
-    offs = tl.arange(0, B)
-    acc = 0
-    for a in range(start, end, B):
-        m = a + offs < end
-        cnt = tl.load(SegEnd + a + offs, mask=m, other=0) - tl.load(SegStart + a + offs, mask=m, other=0)
-        acc += tl.sum((cnt + Q - 1) // Q, 0)
-    return acc
+def _tile_classes(cnt, Q: tl.constexpr, NCLS: tl.constexpr):
+    """[B, NCLS] tiles of each segment by length class: class 0 the full tiles (Q entries), classes
+    1 .. NCLS-1 the segment's last, partial tile, longer ones in lower classes."""
+    n_full = cnt // Q
+    rem = cnt - n_full * Q
+    cls = tl.where(rem > 0, 1 + ((Q - rem) * (NCLS - 1)) // Q, -1)
+    k = tl.arange(0, NCLS)[None, :]
+    return tl.where(k == 0, n_full[:, None], (k == cls[:, None]).to(tl.int32))
 
 
 @triton.jit
-def _plan_tiles_kernel(SegStart, SegEnd, Tiles, SegFirst, SegCount, per_chunk, cap, groups, n_rows,
-                       Q: tl.constexpr, B: tl.constexpr):
+def _plan_tiles_kernel(SegStart, SegEnd, Tiles, Order, SegFirst, SegCount, per_chunk, cap, groups, n_rows,
+                       Q: tl.constexpr, B: tl.constexpr, NCLS: tl.constexpr):
     """Segments [p * B, (p + 1) * B) of chunk c (program (c, p)): cut into tiles of <= Q entries,
-    placed in segment order from the chunk's tile slot c * cap (unused slots stay 0). Each program
-    counts the tiles of the chunk's segments before its own, so no separate scan launch is needed."""
+    placed in segment order from the chunk's tile slot c * cap (unused slots stay 0), and the
+    chunk's launch order (Tiles.order): full tiles first, then the partial ones by length class,
+    segment order within a class; unused slots last, in place. Each program counts the tiles of
+    the chunk's segments (those before its own, and all), so no separate scan launch is needed."""
     c = tl.program_id(0)
     lo = c * per_chunk + tl.program_id(1) * B
     offs = tl.arange(0, B)
+    before = tl.zeros([NCLS], tl.int32)
+    total = tl.zeros([NCLS], tl.int32)
+    for a in range(c * per_chunk, (c + 1) * per_chunk, B):
+        m = a + offs < (c + 1) * per_chunk
+        n = tl.load(SegEnd + a + offs, mask=m, other=0) - tl.load(SegStart + a + offs, mask=m, other=0)
+        per_class = tl.sum(_tile_classes(n, Q, NCLS), 0)
+        total += per_class
+        before += tl.where(a < lo, per_class, 0)
     seg = lo + offs
     ok = seg < (c + 1) * per_chunk
     e0 = tl.load(SegStart + seg, mask=ok, other=0)
     cnt = tl.load(SegEnd + seg, mask=ok, other=0) - e0
     n_t = (cnt + Q - 1) // Q
-    first = c * cap + _tiles_before(SegStart, SegEnd, c * per_chunk, lo, Q, 1024) + tl.cumsum(n_t, 0) - n_t
+    first = c * cap + tl.sum(before, 0) + tl.cumsum(n_t, 0) - n_t
     tl.store(SegFirst + seg, first, mask=ok)
     tl.store(SegCount + seg, n_t, mask=ok)
+    # launch positions: the chunk's tiles of lower classes, then this class's tiles before the segment
+    classes = _tile_classes(cnt, Q, NCLS)
+    pos = (c * cap + tl.cumsum(total, 0) - total + before)[None, :] + tl.cumsum(classes, 0) - classes
+    n_full = cnt // Q
+    full_pos = tl.sum(tl.where(tl.arange(0, NCLS)[None, :] == 0, pos, 0), 1)
+    part_pos = tl.sum(tl.where(tl.arange(0, NCLS)[None, :] > 0, pos * classes, 0), 1)
     g = (seg // n_rows) % groups
     row = seg % n_rows
     for j in range(0, tl.max(n_t, 0)):
@@ -184,6 +203,10 @@ def _plan_tiles_kernel(SegStart, SegEnd, Tiles, SegFirst, SegCount, per_chunk, c
         tl.store(Tiles + t + 1, row, mask=m)
         tl.store(Tiles + t + 2, e0 + j * Q, mask=m)
         tl.store(Tiles + t + 3, tl.minimum(cnt - j * Q, Q), mask=m)
+        tl.store(Order + tl.where(j < n_full, full_pos + j, part_pos), first + j, mask=m)
+    if tl.program_id(1) == 0:
+        for u in range(c * cap + tl.sum(total, 0), (c + 1) * cap, B):
+            tl.store(Order + u + offs, u + offs, mask=u + offs < (c + 1) * cap)
 
 
 def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[int] = None, qpos=None, rows=None) -> SparsePlan:
@@ -228,21 +251,19 @@ def build_plan(topk, cu_seqlens, block_size: int, chunk: int, n_keys: Optional[i
     sizes = sorted(set(TILE_QUERIES.values()))  # kernels asking for the same size share a tile list
     caps = [-(-entries_per_chunk // q) + min(groups * n_rows, entries_per_chunk) for q in sizes]
     tiles = torch.zeros((n_chunks * sum(caps), 4), dtype=torch.int32, device=dev).split([n_chunks * c for c in caps])
+    orders = torch.empty(n_chunks * sum(caps), dtype=torch.int32, device=dev).split([n_chunks * c for c in caps])
     seg_tiles = torch.empty((len(sizes), 2, n_seg), dtype=torch.int32, device=dev)  # first, count
     per_chunk = groups * n_rows
     by_size = {}
-    for q, cap, t, (first, count) in zip(sizes, caps, tiles, seg_tiles):
+    for q, cap, t, order, (first, count) in zip(sizes, caps, tiles, orders, seg_tiles):
         if n_seg:
             _plan_tiles_kernel[(n_chunks, triton.cdiv(per_chunk, 256))](
-                *seg_range, t, first, count, per_chunk, cap, groups, n_rows, Q=q, B=256, num_warps=4,
+                *seg_range, t, order, first, count, per_chunk, cap, groups, n_rows, Q=q, B=256,
+                NCLS=TILE_LENGTH_CLASSES, num_warps=4,
             )
-        # A chunk's programs take its tiles longest first, so the launch ends on short tiles rather
-        # than waiting on a few full ones; tile slots (and the workspace rows named by them) keep
-        # segment order, so every sum is unchanged.
-        by_cap = t.view(n_chunks, cap, 4)[:, :, 3]
-        order = torch.sort(by_cap, dim=1, descending=True, stable=True).indices
-        order += torch.arange(0, n_chunks * cap, cap, device=dev)[:, None]
-        by_size[q] = Tiles(q, cap, t, first, count, order.to(torch.int32).view(-1))
+        else:
+            order.copy_(torch.arange(order.numel(), dtype=torch.int32, device=dev))
+        by_size[q] = Tiles(q, cap, t, first, count, order)
     plan.tiles = {name: by_size[q] for name, q in TILE_QUERIES.items()}
     return plan
 
