@@ -191,9 +191,10 @@ def _plan_tiles_kernel(SegStart, SegEnd, Tiles, Order, SegFirst, SegCount, per_c
     # launch positions: the chunk's tiles of lower classes, then this class's tiles before the segment
     classes = _tile_classes(cnt, Q, NCLS)
     pos = (c * cap + tl.cumsum(total, 0) - total + before)[None, :] + tl.cumsum(classes, 0) - classes
+    partial = tl.arange(0, NCLS)[None, :] > 0
+    full_pos = tl.sum(tl.where(partial, 0, pos), 1)
+    part_pos = tl.sum(tl.where(partial, pos * classes, 0), 1)  # the one class holding the partial tile
     n_full = cnt // Q
-    full_pos = tl.sum(tl.where(tl.arange(0, NCLS)[None, :] == 0, pos, 0), 1)
-    part_pos = tl.sum(tl.where(tl.arange(0, NCLS)[None, :] > 0, pos * classes, 0), 1)
     g = (seg // n_rows) % groups
     row = seg % n_rows
     for j in range(0, tl.max(n_t, 0)):

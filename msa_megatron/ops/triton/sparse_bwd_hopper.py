@@ -9,7 +9,7 @@ Why a second kernel: the Triton one gathers each step's Q/dO rows through regist
 in registers and runs loads, products and elementwise work one after another (255 registers a
 thread, spills, a CTA barrier at every layout change: docs/kernel_notes.md, round 5). Here a
 query's r heads are one contiguous [r, d] box of Q and dO, so a producer warp brings a step's rows
-into shared memory by TMA one step ahead of their use, with their lse and delta and the step's
+into shared memory by TMA ahead of their use (a three-step ring), with their lse and delta and the step's
 per-query facts; K and V stay in shared memory; the five products are asynchronous wgmmas of two
 consumer warpgroups; dQ leaves through shared memory by TMA stores while dK's product still runs.
 H100, 128K: 72.4 -> 47.8 ms for the kernel (round 7), -> ~46.5 ms with the overlapped dQ stores
