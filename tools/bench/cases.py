@@ -7,6 +7,8 @@ from tools.bench.common import (
     BK, TOPK, bench, flops, graph_replay_ms, host_syncs, make_inputs, mixed_lengths, peak_gib, shape_of, slow_reps,
 )
 
+PROFILE_CALLS = 3  # the per-kernel breakdown is the median of this many calls
+
 
 def run_case(n, kind, args, tri, report):
     import torch
@@ -29,7 +31,7 @@ def run_case(n, kind, args, tri, report):
     def rec(op, ms, fl=None, **extra):
         tf = fl / ms / 1e9 if (fl and ms) else None
         rows.append(dict(context=n, kind=kind, op=op, ms=ms, tflops=tf, flops=fl, **extra))
-        shown = {key: val for key, val in extra.items() if key != "breakdown"}
+        shown = {key: val for key, val in extra.items() if not key.startswith("breakdown")}
         report(f"  {n:>6} {kind:<6} {op:<40} {ms:9.3f} ms" + (f"  {tf:7.1f} TF/s" if tf else "") + (f"  {shown}" if shown else ""))
 
     def attempt(label, fn):
@@ -96,10 +98,10 @@ def run_case(n, kind, args, tri, report):
     layer_flops = f["index"] + f["fwd"] + f["bwd"] + f["kl"]
     gib = peak_gib(msa_layer)
     ms = bench(msa_layer, max_reps=10)
-    breakdown = common.profile(msa_layer)
+    breakdown = common.profile(msa_layer, calls=PROFILE_CALLS)
     report(f"  {n:>6} {kind:<6} MSA layer breakdown (ms): " + ", ".join(f"{key} {val:.2f}" for key, val in breakdown.items()))
     rec("MSA layer fwd+bwd", ms, layer_flops, layer_gib=round(gib + inputs, 2), host_syncs=host_syncs(msa_layer),
-        breakdown={key: round(val, 3) for key, val in breakdown.items()})
+        breakdown={key: round(val, 3) for key, val in breakdown.items()}, breakdown_calls=PROFILE_CALLS)
     rec("MSA layer fwd+bwd, KL in its own pass", bench(msa_layer_separate_kl, max_reps=10), layer_flops,
         layer_gib=round(peak_gib(msa_layer_separate_kl) + inputs, 2))
     del qg, kg, vg, qig, kig
@@ -195,9 +197,10 @@ def run_warmup(n, kind, x, shape, f, rec, tri, cudnn_baseline=True):
             layer_gib=round(peak_gib(dense_layer) + inputs, 2))
         gib = peak_gib(warmup_layer)
         ms = bench(warmup_layer, **slow)
-        breakdown = common.profile(warmup_layer)
+        breakdown = common.profile(warmup_layer, calls=PROFILE_CALLS)
         rec("dense warm-up layer fwd+bwd", ms, f["dense_fwd"] + f["dense_bwd"] + f["dense_kl"], layer_gib=round(gib + inputs, 2),
-            host_syncs=host_syncs(warmup_layer), breakdown={key: round(val, 3) for key, val in breakdown.items()})
+            host_syncs=host_syncs(warmup_layer), breakdown={key: round(val, 3) for key, val in breakdown.items()},
+            breakdown_calls=PROFILE_CALLS)
 
     if cudnn_baseline:  # a --warmup-only run: check the dense KL against the reference first
         check_dense_kl(tri, report)

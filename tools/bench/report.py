@@ -90,7 +90,9 @@ def markdown(results):
             for c in ctxs:
                 names += [k for k in parts[c] if k not in names]
             if names:
-                lines += [f"Where the {label}'s time goes ({kind}; ms per kernel family, one profiled call):", "",
+                calls = max(get(c, op, "breakdown_calls") or 1 for c in ctxs)
+                how = "one profiled call" if calls == 1 else f"median of {calls} profiled calls"
+                lines += [f"Where the {label}'s time goes ({kind}; ms per kernel family, {how}):", "",
                           head.format("kernel"), rule]
                 lines += [f"| {name} | " + " | ".join(f"{parts[c][name]:.2f}" if name in parts[c] else "-" for c in ctxs) + " |"
                           for name in names]

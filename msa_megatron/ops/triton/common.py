@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 
 import torch
 import triton
@@ -124,16 +125,21 @@ class timed:
         return False
 
 
-def profile(fn):
-    """Run fn once with per-kernel timing on; returns {name: ms} (summed over launches)."""
+def profile(fn, calls: int = 3):
+    """Run fn `calls` times with per-kernel timing on; returns {name: ms}, each name's time summed
+    over its launches in a call and the median taken over calls (one call alone can be disturbed
+    by a host pause that leaves the GPU idle between a family's events)."""
     global _PROFILE
-    _PROFILE = []
+    runs = []
     try:
-        fn()
-        torch.cuda.synchronize()
-        out = {}
-        for name, s, e in _PROFILE:
-            out[name] = out.get(name, 0.0) + s.elapsed_time(e)
-        return out
+        for _ in range(calls):
+            _PROFILE = []
+            fn()
+            torch.cuda.synchronize()
+            out = {}
+            for name, s, e in _PROFILE:
+                out[name] = out.get(name, 0.0) + s.elapsed_time(e)
+            runs.append(out)
     finally:
         _PROFILE = None
+    return {name: statistics.median(run.get(name, 0.0) for run in runs) for name in runs[0]}
