@@ -151,11 +151,14 @@ def graph_replay_ms(fn):
 
 
 def host_syncs(fn):
-    """Number of host synchronisations torch reports during fn (sync debug mode "warn")."""
+    """Number of host synchronisations torch reports during a call of fn (sync debug mode "warn"),
+    after one call that compiles its kernels (a first call's syncs are not the step's; the GPU test
+    of the layer counts the same way)."""
     import warnings
 
     import torch
 
+    fn()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
