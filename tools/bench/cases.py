@@ -98,9 +98,11 @@ def run_case(n, kind, args, tri, report):
     layer_flops = f["index"] + f["fwd"] + f["bwd"] + f["kl"]
     gib = peak_gib(msa_layer)
     ms = bench(msa_layer, max_reps=10)
+    synced_ms = bench(msa_layer, max_reps=10, sync_each=True)  # the timing of rounds 1-8, for comparison
     breakdown = common.profile(msa_layer, calls=PROFILE_CALLS)
     report(f"  {n:>6} {kind:<6} MSA layer breakdown (ms): " + ", ".join(f"{key} {val:.2f}" for key, val in breakdown.items()))
     rec("MSA layer fwd+bwd", ms, layer_flops, layer_gib=round(gib + inputs, 2), host_syncs=host_syncs(msa_layer),
+        ms_synced_each_call=round(synced_ms, 3),
         breakdown={key: round(val, 3) for key, val in breakdown.items()}, breakdown_calls=PROFILE_CALLS)
     rec("MSA layer fwd+bwd, KL in its own pass", bench(msa_layer_separate_kl, max_reps=10), layer_flops,
         layer_gib=round(peak_gib(msa_layer_separate_kl) + inputs, 2))

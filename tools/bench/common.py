@@ -12,22 +12,32 @@ import time
 HQ, HKV, D, DI, BK, TOPK = 64, 4, 128, 128, 128, 16
 
 
-def bench(fn, min_reps=3, max_reps=30, budget_s=1.5):
-    """Median ms over CUDA-event-timed calls after one warm-up call."""
+def bench(fn, min_reps=3, max_reps=30, budget_s=1.5, sync_each=False):
+    """Median ms of CUDA-event-timed calls after one warm-up call.
+
+    The calls are queued back to back and synchronised once at the end (as triton.testing.do_bench
+    does), so a call's time is its GPU time when the host runs ahead, as in training;
+    `sync_each=True` waits for each call before launching the next, which adds the host's launch
+    latency at the start of every call. The number of calls comes from the warm-up call's time.
+    """
     import torch
 
+    t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    times = []
-    t0 = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - t0 < budget_s):
+    one = time.perf_counter() - t0
+    reps = max(min_reps, min(max_reps, int(budget_s / max(one, 1e-6))))
+    events = []
+    for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         fn()
         e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+        if sync_each:
+            e.synchronize()
+        events.append((s, e))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def slow_reps(n):
@@ -89,6 +99,7 @@ def env_info():
         "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
+        "timing": "queued",  # bench(): calls queued back to back, one sync at the end (from round 9)
     }
     try:
         info["driver"] = subprocess.run(

@@ -29,7 +29,9 @@ def markdown(results):
         f"torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, cuDNN {env.get('cudnn')}, "
         f"Python {env['python']}.",
         f"Command: `python3 {env['command']}` ($OUT = the device tool's output folder). Shapes: Hq {HQ}, Hkv {HKV}, "
-        f"d = di = {D}, Bk {BK}, k {TOPK}, bf16. Median of CUDA-event-timed calls after a warm-up; TF/s = useful "
+        f"d = di = {D}, Bk {BK}, k {TOPK}, bf16. Median of CUDA-event-timed calls after a warm-up"
+        + ("; the calls queued back to back and synchronised once at the end (the host runs ahead, as in "
+           "training)" if env.get("timing") == "queued" else ", each call synchronised before the next") + "; TF/s = useful "
         "FLOPs (MSA.md conventions) / time. `packed` = documents of N/2, N/8, N/8 tokens plus short ones of "
         "64..2048 tokens (dense SDPA baselines then run one call per document). The dense warm-up layer is our "
         "dense attention (the library kernel named in its row; `attention=gqa` runs the same) + the dense KL "
@@ -68,16 +70,18 @@ def markdown(results):
                 lines.append(f"| {op} | " + " | ".join(cells) + " |")
         lines += ["", head.format("ratio"), rule]
 
-        def ratio_row(label, num, den, key="ms", optional=False):
+        def ratio_row(label, num, den, key="ms", optional=False, den_key=None):
             cells = []
             for c in ctxs:
-                a, b = get(c, num, key), get(c, den, key)
+                a, b = get(c, num, key), get(c, den, den_key or key)
                 cells.append(f"{a / b:.2f}x" if a and b else "-")
             if not optional or any(c != "-" for c in cells):  # optional: rows older results lack
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
         ratio_row("cuDNN dense fwd+bwd / MSA layer fwd+bwd", DENSE, MSA)
         ratio_row("same, KL in its own pass (before round 4)", DENSE, MSA + ", KL in its own pass", optional=True)
+        ratio_row("same, each MSA layer call synchronised before the next (rounds 1-8)", DENSE, MSA, optional=True,
+                  den_key="ms_synced_each_call")
         ratio_row("dense warm-up layer / cuDNN dense fwd+bwd", WARMUP, DENSE)
         ratio_row("our dense attention (attention=gqa) / cuDNN dense fwd+bwd", "dense attention fwd+bwd", DENSE)
         ratio_row("naive select / select_blocks", "naive: block scores + torch.topk", "select_blocks total")
