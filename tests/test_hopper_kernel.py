@@ -1,10 +1,10 @@
-"""The Gluon (sm_90) sparse backward on a CPU: which calls it serves, and its sm_90 build.
+"""The Gluon (sm_90) sparse backward and forward on a CPU: which calls they serve, and their sm_90 builds.
 
 Gluon kernels do not run under TRITON_INTERPRET, so their results are checked on the GPU against
-the Triton twin and float64 (tests/test_triton_gpu.py). Here Triton compiles the kernel for sm_90
-without a GPU (ptxas ships with the pinned Triton) and the build is checked for what made the
-first version slow: register spills (wgmma descriptors hoisted out of the step loop) and shared
-memory beyond a Hopper block's 227 KiB.
+the Triton twins and float64 (tests/test_triton_gpu.py). Here Triton compiles the kernels for sm_90
+without a GPU (ptxas ships with the pinned Triton) and each build is checked for what made earlier
+versions slow: register spills (wgmma descriptors hoisted out of the step loop), wgmmas that ptxas
+serialises, and shared memory beyond a Hopper block's 227 KiB.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msa_megatron.ops.triton import sparse_bwd_hopper as hopper
+from msa_megatron.ops.triton import sparse_bwd_hopper as hopper, sparse_fwd_hopper as fwd_hopper
 
 HOPPER_SMEM_BYTES = 227 * 1024
 
@@ -63,22 +63,12 @@ def _nvidia_tool(name):
     return str(tool)
 
 
-def _compile_sm90(r, d, has_qpos, with_teacher):
+def _compile_sm90(fn, kinds, consts, num_warps):
+    """Triton's sm_90 build of a Gluon kernel, without a GPU: pointer arguments 16-byte aligned."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    def rows(n):
-        layout = gl.NVMMASharedLayout.get_default_for([n, d], gl.bfloat16)
-        return f"tensordesc<bf16[{n}, {d}],{layout!r}>"
-
-    fn = hopper._sparse_bwd_hopper_kernel
-    kinds = dict(q_desc=rows(r), do_desc=rows(r), k_desc=rows(128), v_desc=rows(128), dq_desc=rows(r),
-                 sm_scale="fp32", qk_scale="fp32", QPOS="*i32", tiles="*i32", order="*i32", entry_tok="*i32",
-                 entry_slot="*i32", row_key_start="*i32", row_key_end="*i32", seg_tile_count="*i32")
-    consts = dict(H=4 * r, D=d, R=r, BLOCK_M=64, BLOCK_N=128, STAGES=hopper.STAGES, HAS_QPOS=has_qpos,
-                  WITH_TEACHER=with_teacher)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:
@@ -88,29 +78,63 @@ def _compile_sm90(r, d, has_qpos, with_teacher):
             if signature[name].startswith("*"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = GluonASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=hopper.NUM_WARPS))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
-@pytest.mark.parametrize("r,d,has_qpos,with_teacher", [(16, 128, False, True), (16, 128, False, False),
-                                                       (8, 128, True, True), (64, 64, False, True)])
-def test_sm90_build_has_no_spills_and_fits_shared_memory(r, d, has_qpos, with_teacher, tmp_path):
-    kernel = _compile_sm90(r, d, has_qpos, with_teacher)
+def _row_desc(n, d):
+    from triton.experimental.gluon import language as gl
+
+    return f"tensordesc<bf16[{n}, {d}],{gl.NVMMASharedLayout.get_default_for([n, d], gl.bfloat16)!r}>"
+
+
+def _build_bwd(r, d, has_qpos, with_teacher):
+    kinds = dict(q_desc=_row_desc(r, d), do_desc=_row_desc(r, d), k_desc=_row_desc(128, d), v_desc=_row_desc(128, d),
+                 dq_desc=_row_desc(r, d), sm_scale="fp32", qk_scale="fp32", QPOS="*i32", tiles="*i32", order="*i32",
+                 entry_tok="*i32", entry_slot="*i32", row_key_start="*i32", row_key_end="*i32",
+                 seg_tile_count="*i32")
+    consts = dict(H=4 * r, D=d, R=r, BLOCK_M=64, BLOCK_N=128, STAGES=hopper.STAGES, HAS_QPOS=has_qpos,
+                  WITH_TEACHER=with_teacher)
+    return _compile_sm90(hopper._sparse_bwd_hopper_kernel, kinds, consts, hopper.NUM_WARPS)
+
+
+def _build_fwd(r, d, has_qpos):
+    kinds = dict(q_desc=_row_desc(r, d), k_desc=_row_desc(128, d), v_desc=_row_desc(128, d), o_desc=_row_desc(r, d),
+                 qk_scale="fp32", QPOS="*i32", tiles="*i32", order="*i32", entry_tok="*i32", entry_slot="*i32",
+                 row_key_start="*i32", row_key_end="*i32")
+    consts = dict(H=4 * r, D=d, R=r, BLOCK_M=64, BLOCK_N=128, STAGES=fwd_hopper.STAGES, HAS_QPOS=has_qpos)
+    return _compile_sm90(fwd_hopper._sparse_fwd_hopper_kernel, kinds, consts, fwd_hopper.NUM_WARPS)
+
+
+BUILDS = {
+    "bwd r16 d128": lambda: _build_bwd(16, 128, False, True),
+    "bwd r16 d128 no teacher": lambda: _build_bwd(16, 128, False, False),
+    "bwd r8 d128 qpos": lambda: _build_bwd(8, 128, True, True),
+    "bwd r64 d64": lambda: _build_bwd(64, 64, False, True),
+    "fwd r16 d128": lambda: _build_fwd(16, 128, False),
+    "fwd r8 d128 qpos": lambda: _build_fwd(8, 128, True),
+    "fwd r64 d64": lambda: _build_fwd(64, 64, False),
+}
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_sm90_build_has_no_spills_and_fits_shared_memory(build, tmp_path):
+    kernel = BUILDS[build]()
     assert kernel.metadata.shared <= HOPPER_SMEM_BYTES, kernel.metadata.shared
-    cubin = tmp_path / "bwd.cubin"
+    cubin = tmp_path / "k.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
     usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                            check=True).stdout
     stack = re.search(r"STACK:(\d+)", usage)
     assert stack and int(stack.group(1)) == 0, usage
-    # the producer warp hands its registers to the two consumer warpgroups
+    # the producer warp hands its registers to the consumer warpgroups
     assert "setmaxnreg.dec.sync.aligned.u32 24" in kernel.asm["ptx"].replace("\t", " ").replace("  ", " ")
     # ptxas keeps the wgmmas asynchronous: it warns "wgmma.mma_async instructions are serialized" (C7515
     # when plain instructions define an in-flight accumulator, C7514 when they read one) otherwise.
     # Round 8's dK-across-the-loop variant got C7515 and was 15% slower; round 9's next-step S
     # variant got C7514 (every wgmma then waited for alone in SASS).
-    ptx = tmp_path / "bwd.ptx"
+    ptx = tmp_path / "k.ptx"
     ptx.write_text(kernel.asm["ptx"])
-    report = subprocess.run([_nvidia_tool("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "bwd.o")],
+    report = subprocess.run([_nvidia_tool("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.o")],
                             capture_output=True, text=True, check=True)
     assert "serialized" not in report.stdout + report.stderr, report.stderr
 
@@ -140,3 +164,59 @@ def test_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
     bound = inspect.signature(kernel_fn).bind(*args, **kwargs).arguments
     assert bound["QPOS"] is (qpos if with_qpos else lse) and bound["HAS_QPOS"] is with_qpos
     assert bound["LSE"] is lse and bound["TEACHER"] is teacher and bound["R"] == 16 and bound["WITH_TEACHER"]
+
+
+def _fwd_tensors(r=16, d=128, total=256, groups=2, dtype=torch.bfloat16):
+    hq = r * groups
+    q = torch.zeros(total, hq, d, dtype=dtype)
+    k = torch.zeros(total, groups, d, dtype=dtype)
+    return [q, k, k.clone(), torch.zeros(16, total, hq, d, dtype=dtype), torch.zeros(16, total, hq)]
+
+
+@pytest.mark.parametrize("r,d", [(8, 128), (16, 128), (32, 64), (64, 128)])
+def test_forward_serves_the_shapes_it_was_built_for(r, d):
+    assert fwd_hopper.serves(*_fwd_tensors(r, d), 64, 128)
+
+
+@pytest.mark.parametrize("change", ["r=4", "d=96", "fp32 o_part", "fp64 lse", "offset", "strided", "block 64",
+                                    "rows 32", "lse 2^31"])
+def test_forward_leaves_other_calls_to_the_triton_kernel(change):
+    t = _fwd_tensors(r=4 if change == "r=4" else 16, d=96 if change == "d=96" else 128)
+    block_m, block_n = (32 if change == "rows 32" else 64), (64 if change == "block 64" else 128)
+    if change == "fp32 o_part":
+        t[3] = t[3].float()
+    if change == "fp64 lse":
+        t[4] = t[4].double()
+    if change == "offset":  # 2 bytes past a 16-byte boundary: no TMA descriptor
+        t[0] = torch.zeros(t[0].numel() + 8, dtype=t[0].dtype)[1:t[0].numel() + 1].view(t[0].shape)
+    if change == "strided":
+        t[1] = torch.zeros(t[1].shape[0] * 2, *t[1].shape[1:], dtype=t[1].dtype)[::2]
+    if change == "lse 2^31":  # the kernel's lse-partial offsets are int32
+        t[4] = torch.empty(2**31, device="meta")
+    assert not fwd_hopper.serves(*t, block_m, block_n)
+
+
+@pytest.mark.parametrize("with_qpos", [False, True])
+def test_forward_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
+    """HopperForward.launch against the kernel's signature (a recorder stands in for the launch)."""
+    from types import SimpleNamespace
+
+    q, k, v, o_part, l_part = _fwd_tensors()
+    ints = lambda n: torch.zeros(n, dtype=torch.int32)  # noqa: E731
+    qpos = ints(q.shape[0])
+    plan = SimpleNamespace(entry_tok=ints(8), entry_slot=ints(8), row_key_start=ints(4), row_key_end=ints(4),
+                           chunk=q.shape[0], has_qpos=with_qpos,
+                           qpos_arg=lambda fallback: qpos if with_qpos else fallback)
+    tiles = SimpleNamespace(tiles=ints(16), order=ints(16))
+    calls = []
+    kernel_fn = fwd_hopper._sparse_fwd_hopper_kernel.fn
+    recorder = type("Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **kw: calls.append((grid, a, kw))})
+    monkeypatch.setattr(fwd_hopper, "_sparse_fwd_hopper_kernel", recorder())
+    fwd_hopper.HopperForward(q, k, v, o_part, l_part).launch(3, plan, tiles, 2, 5, 0.1)
+    (grid, args, kwargs), = calls
+    assert grid == (3,) and kwargs.pop("num_warps") == fwd_hopper.NUM_WARPS
+    bound = inspect.signature(kernel_fn).bind(*args, **kwargs).arguments
+    assert bound["QPOS"] is (qpos if with_qpos else l_part) and bound["HAS_QPOS"] is with_qpos
+    assert bound["L_part"] is l_part and bound["R"] == 16 and bound["H"] == 32 and bound["D"] == 128
+    assert (bound["tile0"], bound["q0"], bound["chunk"]) == (2, 5, q.shape[0])
+    assert (bound["stride_ls"], bound["stride_lt"]) == l_part.stride()[:2]

@@ -182,6 +182,35 @@ def test_hopper_backward_matches_its_triton_twin(hq, hkv, d, monkeypatch):
         assert rel(got_h, got_t.double()) < 1e-3
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(16, 2, 128), (16, 1, 128), (32, 2, 128), (64, 2, 64), (64, 1, 128)])
+def test_hopper_forward_matches_its_triton_twin(hq, hkv, d, monkeypatch):
+    """The Gluon forward (sm_90, knob fwd_hopper) and the Triton kernel on the same inputs (packed
+    documents with block-edge lengths): o and lse against float64 and against each other; the Gluon
+    one must have run."""
+    from msa_megatron.ops import triton as tri
+    from msa_megatron.ops.triton import sparse_attn, sparse_fwd_hopper
+
+    dev = _cuda()
+    if torch.cuda.get_device_capability(dev) != (9, 0):
+        pytest.fail("the Hopper forward needs an sm_90 GPU (H100 / H200)")
+    launches = []
+    launch = sparse_fwd_hopper.HopperForward.launch
+    monkeypatch.setattr(sparse_fwd_hopper.HopperForward, "launch",
+                        lambda self, *a: launches.append(1) or launch(self, *a))
+    q, k, v, qi, ki, cu = make(LENGTHS, hq, hkv, d=d, seed=29, dev=dev)
+    shape = shape_for(d, 128, LENGTHS)
+    sel, _ = tri.select_blocks(qi, ki, cu, shape)
+    runs = {}
+    for hopper in (True, False):
+        monkeypatch.setitem(sparse_attn.CONFIG, "fwd_hopper", hopper)
+        runs[hopper] = tri.sparse_attention(q, k, v, sel, cu, shape)
+    assert launches, "the Gluon forward did not run"
+    o_r, lse_r = ref.sparse_attention(q.double(), k.double(), v.double(), sel, cu, 128)
+    (o_h, lse_h), (o_t, lse_t) = runs[True], runs[False]
+    assert rel(o_h, o_r) < TOL and rel(lse_h, lse_r) < 1e-5
+    assert rel(o_h, o_t.double()) < 1e-3 and rel(lse_h, lse_t.double()) < 1e-6
+
+
 def test_sparse_equals_dense_kernels_for_short_documents():
     from msa_megatron.ops import triton as tri
 

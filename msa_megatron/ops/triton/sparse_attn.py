@@ -31,9 +31,10 @@ LN2 = 0.6931471805599453
 # rows one step ahead (see the kernel). kl_in_backward: training steps of the sparse
 # stage build the KL teacher in this backward (attention_kl.py) instead of a separate KL pass.
 # bwd_hopper: on an sm_90 GPU, the backward runs the Gluon kernel of sparse_bwd_hopper.py where it
-# serves the shapes (the Triton kernel below is its twin and the fallback).
+# serves the shapes (the Triton kernel below is its twin and the fallback). fwd_hopper: the same for
+# the forward (sparse_fwd_hopper.py); off until the GPU tests have run on it (kernel_notes, round 9).
 CONFIG = {
-    "fwd_rows": 64, "fwd_warps": 4, "fwd_stages": 1, "fwd_prefetch": True,
+    "fwd_rows": 64, "fwd_warps": 4, "fwd_stages": 1, "fwd_prefetch": True, "fwd_hopper": False,
     "bwd_rows": 64, "bwd_warps": 8, "bwd_stages": 3, "bwd_hopper": True,
     "dq_part_fp32": False, "kl_in_backward": True,
 }
@@ -180,10 +181,14 @@ def sparse_forward(q, k, v, topk, plan: SparsePlan, softmax_scale: float):
     cfg = CONFIG
     block_m = max(cfg["fwd_rows"], next_pow2(r))
     tiles = plan.tiles["fwd"]
+    hopper = _hopper_forward(q, k, v, o_part, l_part, block_m, plan.block_size)
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
-        if q1 > q0:
+        if q1 > q0 and hopper is not None:
+            with timed("sparse fwd kernel"):
+                hopper.launch(t1 - t0, plan, tiles, t0, q0, softmax_scale * LOG2E)
+        elif q1 > q0:
             with timed("sparse fwd kernel"):
                 _sparse_fwd_kernel[(t1 - t0,)](
                     q, k, v, o_part, l_part, plan.qpos_arg(lse),
@@ -410,6 +415,17 @@ def _block_ws_sum_kernel(
         ptr = Out + key_tok.to(tl.int64)[:, None] * stride_ot + g * stride_og + offs_d[None, :]
         acc += tl.load(ptr, mask=mask, other=0.0)
         tl.store(ptr, acc, mask=mask)
+
+
+def _hopper_forward(q, k, v, o_part, l_part, block_m: int, block_n: int):
+    """The Gluon forward's launcher for this call, or None where the Triton kernel runs."""
+    if not (CONFIG["fwd_hopper"] and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return None
+    from msa_megatron.ops.triton import sparse_fwd_hopper
+
+    if not sparse_fwd_hopper.serves(q, k, v, o_part, l_part, block_m, block_n):
+        return None
+    return sparse_fwd_hopper.HopperForward(q, k, v, o_part, l_part)
 
 
 def _hopper_backward(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int, teacher):
