@@ -139,6 +139,17 @@ def test_sparse_attention_forward_backward(hq, hkv, d):
         assert rel(got, want) < TOL
 
 
+def _count_hopper_launches(launcher, dev, monkeypatch) -> list:
+    """A list that grows by one per launch of the Gluon kernel behind `launcher` (its class with a
+    launch method); the test fails off an sm_90 GPU."""
+    if torch.cuda.get_device_capability(dev) != (9, 0):
+        pytest.fail("the Hopper kernels need an sm_90 GPU (H100 / H200)")
+    launches = []
+    launch = launcher.launch
+    monkeypatch.setattr(launcher, "launch", lambda self, *a: launches.append(1) or launch(self, *a))
+    return launches
+
+
 @pytest.mark.parametrize("hq,hkv,d", [(16, 2, 128), (32, 2, 128), (64, 2, 64), (64, 1, 128)])
 def test_hopper_backward_matches_its_triton_twin(hq, hkv, d, monkeypatch):
     """The Gluon backward (sm_90) and the Triton kernel on the same inputs: the plain backward and
@@ -149,12 +160,7 @@ def test_hopper_backward_matches_its_triton_twin(hq, hkv, d, monkeypatch):
     from msa_megatron.ops.triton import sparse_attn, sparse_bwd_hopper
 
     dev = _cuda()
-    if torch.cuda.get_device_capability(dev) != (9, 0):
-        pytest.fail("the Hopper backward needs an sm_90 GPU (H100 / H200)")
-    launches = []
-    launch = sparse_bwd_hopper.HopperBackward.launch
-    monkeypatch.setattr(sparse_bwd_hopper.HopperBackward, "launch",
-                        lambda self, *a: launches.append(1) or launch(self, *a))
+    launches = _count_hopper_launches(sparse_bwd_hopper.HopperBackward, dev, monkeypatch)
     q, k, v, qi, ki, cu = make(LENGTHS, hq, hkv, d=d, seed=23, dev=dev)
     shape = shape_for(d, 128, LENGTHS)
     sel, ilse = tri.select_blocks(qi, ki, cu, shape)
@@ -191,12 +197,7 @@ def test_hopper_forward_matches_its_triton_twin(hq, hkv, d, monkeypatch):
     from msa_megatron.ops.triton import sparse_attn, sparse_fwd_hopper
 
     dev = _cuda()
-    if torch.cuda.get_device_capability(dev) != (9, 0):
-        pytest.fail("the Hopper forward needs an sm_90 GPU (H100 / H200)")
-    launches = []
-    launch = sparse_fwd_hopper.HopperForward.launch
-    monkeypatch.setattr(sparse_fwd_hopper.HopperForward, "launch",
-                        lambda self, *a: launches.append(1) or launch(self, *a))
+    launches = _count_hopper_launches(sparse_fwd_hopper.HopperForward, dev, monkeypatch)
     q, k, v, qi, ki, cu = make(LENGTHS, hq, hkv, d=d, seed=29, dev=dev)
     shape = shape_for(d, 128, LENGTHS)
     sel, _ = tri.select_blocks(qi, ki, cu, shape)

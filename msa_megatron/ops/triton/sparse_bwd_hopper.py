@@ -37,18 +37,24 @@ STAGES = 3  # query-row buffers: a step's rows are released half-way through the
 PRODUCER_REGS = gl.constexpr(24)  # the loading warp needs few registers; the rest go to the consumers
 
 
-def serves(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int, teacher=None) -> bool:
-    """Whether this kernel handles the call (else the Triton kernel runs): 16-bit contiguous
-    tensors on 16-byte boundaries (TMA), d 64 or 128, 128-key blocks, 64-row steps of whole
-    queries whose r heads fill 8-row swizzle atoms (r in 8..64), and row and teacher offsets that
-    fit the int32 the kernel computes them in."""
-    total, hq, d = q.shape
-    r = hq // k.shape[1]
-    tensors = (q, k, v, do, lse, delta, dq_part)
-    return (q.dtype in (torch.bfloat16, torch.float16) and {k.dtype, v.dtype, do.dtype, dq_part.dtype} == {q.dtype}
-            and lse.dtype == delta.dtype == torch.float32
+def tma_shapes_ok(q, k, v, block_m: int, block_n: int, same_dtype=(), fp32=()) -> bool:
+    """What both Gluon kernels need of a call: q and `same_dtype` 16-bit and of q's dtype, `fp32`
+    float32, all contiguous on 16-byte boundaries (TMA), d 64 or 128, 128-key blocks, 64-row steps
+    of whole queries whose r heads fill 8-row swizzle atoms (r in 8..64)."""
+    d = q.shape[-1]
+    r = q.shape[1] // k.shape[1]
+    tensors = (q, k, v, *same_dtype, *fp32)
+    return (q.dtype in (torch.bfloat16, torch.float16) and {t.dtype for t in (k, v, *same_dtype)} == {q.dtype}
+            and all(t.dtype == torch.float32 for t in fp32)
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
-            and d in (64, 128) and v.shape[-1] == d and block_n == 128 and block_m == 64 and r in (8, 16, 32, 64)
+            and d in (64, 128) and v.shape[-1] == d and block_n == 128 and block_m == 64 and r in (8, 16, 32, 64))
+
+
+def serves(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int, teacher=None) -> bool:
+    """Whether this kernel handles the call (else the Triton kernel runs): `tma_shapes_ok`, and row
+    and teacher offsets that fit the int32 the kernel computes them in."""
+    d = q.shape[-1]
+    return (tma_shapes_ok(q, k, v, block_m, block_n, (do, dq_part), (lse, delta))
             and max(dq_part.numel() // d, q.numel() // d, 0 if teacher is None else teacher.numel()) < 2**31)
 
 

@@ -16,7 +16,6 @@ on it yet (docs/kernel_notes.md, round 9).
 
 from __future__ import annotations
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -27,7 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from msa_megatron.ops.triton.sparse_bwd_hopper import _query_value, _rows_desc
+from msa_megatron.ops.triton.sparse_bwd_hopper import _query_value, _rows_desc, tma_shapes_ok
 
 LN2 = 0.6931471805599453
 _LN2 = gl.constexpr(LN2)
@@ -46,17 +45,11 @@ Q_FACTS = gl.constexpr(2)
 
 
 def serves(q, k, v, o_part, l_part, block_m: int, block_n: int) -> bool:
-    """Whether this kernel handles the call (else the Triton kernel runs): 16-bit contiguous
-    tensors on 16-byte boundaries (TMA), d 64 or 128, 128-key blocks, 64-row steps of whole
-    queries whose r heads fill 8-row swizzle atoms (r in 8..64), and O-partial rows, lse-partial
-    offsets and Q rows that fit the int32 the kernel computes them in."""
-    total, hq, d = q.shape
-    r = hq // k.shape[1]
-    tensors = (q, k, v, o_part, l_part)
-    return (q.dtype in (torch.bfloat16, torch.float16) and {k.dtype, v.dtype, o_part.dtype} == {q.dtype}
-            and l_part.dtype == torch.float32
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
-            and d in (64, 128) and v.shape[-1] == d and block_n == 128 and block_m == 64 and r in (8, 16, 32, 64)
+    """Whether this kernel handles the call (else the Triton kernel runs): the backward's
+    `tma_shapes_ok`, and O-partial rows, lse-partial offsets and Q rows that fit the int32 the
+    kernel computes them in."""
+    d = q.shape[-1]
+    return (tma_shapes_ok(q, k, v, block_m, block_n, (o_part,), (l_part,))
             and max(o_part.numel() // d, l_part.numel(), q.numel() // d) < 2**31)
 
 
