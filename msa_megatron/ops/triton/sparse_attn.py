@@ -185,21 +185,21 @@ def sparse_forward(q, k, v, topk, plan: SparsePlan, softmax_scale: float):
     for c in range(plan.n_chunks):
         q0, q1 = plan.chunk_bounds(c)
         t0, t1 = tiles.chunk_range(c)
-        if q1 > q0 and hopper is not None:
+        if q1 > q0:
             with timed("sparse fwd kernel"):
-                hopper.launch(t1 - t0, plan, tiles, t0, q0, softmax_scale * LOG2E)
-        elif q1 > q0:
-            with timed("sparse fwd kernel"):
-                _sparse_fwd_kernel[(t1 - t0,)](
-                    q, k, v, o_part, l_part, plan.qpos_arg(lse),
-                    tiles.tiles, tiles.order, plan.entry_tok, plan.entry_slot, plan.row_key_start,
-                    plan.row_key_end, t0, q0,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
-                    softmax_scale * LOG2E,
-                    HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=plan.block_size, HAS_QPOS=plan.has_qpos,
-                    PREFETCH=cfg["fwd_prefetch"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
-                )
+                if hopper is not None:
+                    hopper.launch(t1 - t0, plan, tiles, t0, q0, softmax_scale * LOG2E)
+                else:
+                    _sparse_fwd_kernel[(t1 - t0,)](
+                        q, k, v, o_part, l_part, plan.qpos_arg(lse),
+                        tiles.tiles, tiles.order, plan.entry_tok, plan.entry_slot, plan.row_key_start,
+                        plan.row_key_end, t0, q0,
+                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                        o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+                        softmax_scale * LOG2E,
+                        HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=plan.block_size, HAS_QPOS=plan.has_qpos,
+                        PREFETCH=cfg["fwd_prefetch"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
+                    )
         rows = _rows_per_program(r, d)
         with timed("sparse fwd combine"):
             _sparse_combine_kernel[(triton.cdiv(q1 - q0, rows // next_pow2(r)), groups)](
@@ -417,9 +417,14 @@ def _block_ws_sum_kernel(
         tl.store(ptr, acc, mask=mask)
 
 
+def _on_hopper(knob: str, q) -> bool:
+    """The Gluon kernel behind `knob` is on and q lives on an sm_90 GPU."""
+    return bool(CONFIG[knob]) and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+
+
 def _hopper_forward(q, k, v, o_part, l_part, block_m: int, block_n: int):
     """The Gluon forward's launcher for this call, or None where the Triton kernel runs."""
-    if not (CONFIG["fwd_hopper"] and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not _on_hopper("fwd_hopper", q):
         return None
     from msa_megatron.ops.triton import sparse_fwd_hopper
 
@@ -430,7 +435,7 @@ def _hopper_forward(q, k, v, o_part, l_part, block_m: int, block_n: int):
 
 def _hopper_backward(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int, teacher):
     """The Gluon backward's launcher for this call, or None where the Triton kernel runs."""
-    if not (CONFIG["bwd_hopper"] and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not _on_hopper("bwd_hopper", q):
         return None
     from msa_megatron.ops.triton import sparse_bwd_hopper
 

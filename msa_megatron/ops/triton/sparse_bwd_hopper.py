@@ -18,7 +18,6 @@ H100, 128K: 72.4 -> 47.8 ms for the kernel (round 7), -> ~46.5 ms with the overl
 
 from __future__ import annotations
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -28,26 +27,21 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from msa_megatron.ops.triton.hopper_common import (
+    end_ring,
+    query_value,
+    rows_desc,
+    start_ring,
+    tile_header,
+    tma_shapes_ok,
+)
 
 LOG2E = 1.4426950408889634
 _LOG2E = gl.constexpr(LOG2E)
 NUM_WARPS = 8  # two warpgroups, each owning 64 of the block's 128 keys
 STAGES = 3  # query-row buffers: a step's rows are released half-way through the next step (below)
 PRODUCER_REGS = gl.constexpr(24)  # the loading warp needs few registers; the rest go to the consumers
-
-
-def tma_shapes_ok(q, k, v, block_m: int, block_n: int, same_dtype=(), fp32=()) -> bool:
-    """What both Gluon kernels need of a call: q and `same_dtype` 16-bit and of q's dtype, `fp32`
-    float32, all contiguous on 16-byte boundaries (TMA), d 64 or 128, 128-key blocks, 64-row steps
-    of whole queries whose r heads fill 8-row swizzle atoms (r in 8..64)."""
-    d = q.shape[-1]
-    r = q.shape[1] // k.shape[1]
-    tensors = (q, k, v, *same_dtype, *fp32)
-    return (q.dtype in (torch.bfloat16, torch.float16) and {t.dtype for t in (k, v, *same_dtype)} == {q.dtype}
-            and all(t.dtype == torch.float32 for t in fp32)
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
-            and d in (64, 128) and v.shape[-1] == d and block_n == 128 and block_m == 64 and r in (8, 16, 32, 64))
 
 
 def serves(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int, teacher=None) -> bool:
@@ -119,12 +113,6 @@ def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delt
 
 
 @gluon.jit
-def _query_value(vals, jq, j: gl.constexpr):
-    """Query j's entry of a step's per-query vector (held whole by every thread: a local sum)."""
-    return gl.sum(gl.where(jq == j, vals, 0), 0)
-
-
-@gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready, empty,
               kv_bar, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
               g, row, slot, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale, qk_scale,
@@ -182,7 +170,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
             q_in = gl.arange(0, BLOCK_M, layout=col_layout) // R
             kpos = gl.full([BLOCK_M], -1, gl.int32, col_layout)
             for j in gl.static_range(BQ):
-                kpos = gl.where(q_in == j, _query_value(kpos_q, jq, j), kpos)
+                kpos = gl.where(q_in == j, query_value(kpos_q, jq, j), kpos)
             visible = (key_tok[:, None] <= kpos[None, :]) & (key_tok < key_end)[:, None]
             p = gl.where(visible, gl.exp2(s), 0.0)
         if WITH_TEACHER:
@@ -221,7 +209,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
         tma.store_wait(0)
         gl.thread_barrier()
         for j in gl.static_range(BQ):
-            row_j = _query_value(dq_row, jq, j)
+            row_j = query_value(dq_row, jq, j)
             if row_j >= 0:
                 tma.async_copy_shared_to_global(dq_desc, [row_j, 0], dq_buf.slice(j * R, R))
         dk = warpgroup_mma_wait(0, deps=(dk,))
@@ -254,11 +242,7 @@ def _sparse_bwd_hopper_kernel(
     STAGES: gl.constexpr, HAS_QPOS: gl.constexpr, WITH_TEACHER: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
-    t = gl.load(order + tile0 + gl.program_id(0))  # longest tiles first (plan.Tiles.order)
-    g = gl.load(tiles + t * 4)
-    row = gl.load(tiles + t * 4 + 1)
-    e0 = gl.load(tiles + t * 4 + 2)
-    cnt = gl.load(tiles + t * 4 + 3)
+    t, g, row, e0, cnt = tile_header(tiles, order, tile0)
     if cnt > 0:  # unused tile slots have no entries
         key_start = gl.load(row_key_start + row)
         key_end = gl.load(row_key_end + row)
@@ -276,13 +260,7 @@ def _sparse_bwd_hopper_kernel(
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=2)  # the TMA bytes' arrive and the producer's
-            mbarrier.init(empty.index(i), count=1)
-        mbarrier.init(kv_bar, count=1)
-        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [key_start, g * D], kv_bar, k_smem.index(0))
-        tma.async_copy_global_to_shared(v_desc, [key_start, g * D], kv_bar, v_smem.index(0))
+        start_ring(ready, empty, kv_bar, k_desc, v_desc, k_smem, v_smem, key_start, g, D, STAGES)
 
         gl.warp_specialize([
             (_consumer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready,
@@ -294,16 +272,7 @@ def _sparse_bwd_hopper_kernel(
                          empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk, stride_ts, stride_tt, stride_tg,
                          H, D, R, BLOCK_M, STAGES, HAS_QPOS)),
         ], [1], [PRODUCER_REGS])
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-            mbarrier.invalidate(empty.index(i))
-        mbarrier.invalidate(kv_bar)
-
-
-def _rows_desc(x2d, rows: int, d: int):
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if x2d.dtype == torch.bfloat16
-                                                  else gl.float16)
-    return TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [rows, d], layout)
+        end_ring(ready, empty, kv_bar, STAGES)
 
 
 class HopperBackward:
@@ -313,11 +282,11 @@ class HopperBackward:
         total, hq, d = q.shape
         groups = k.shape[1]
         self.r = hq // groups
-        self.q_desc = _rows_desc(q.view(total * hq, d), self.r, d)
-        self.do_desc = _rows_desc(do.view(total * hq, d), self.r, d)
-        self.k_desc = _rows_desc(k.view(k.shape[0], groups * d), 128, d)
-        self.v_desc = _rows_desc(v.view(v.shape[0], groups * d), 128, d)
-        self.dq_desc = _rows_desc(dq_part.view(-1, d), self.r, d)
+        self.q_desc = rows_desc(q.view(total * hq, d), self.r, d)
+        self.do_desc = rows_desc(do.view(total * hq, d), self.r, d)
+        self.k_desc = rows_desc(k.view(k.shape[0], groups * d), 128, d)
+        self.v_desc = rows_desc(v.view(v.shape[0], groups * d), 128, d)
+        self.dq_desc = rows_desc(dq_part.view(-1, d), self.r, d)
         self.lse, self.delta = lse, delta
         self.hq, self.d = hq, d
 

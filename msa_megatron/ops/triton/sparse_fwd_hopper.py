@@ -26,7 +26,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from msa_megatron.ops.triton.sparse_bwd_hopper import _query_value, _rows_desc, tma_shapes_ok
+from msa_megatron.ops.triton.hopper_common import (
+    end_ring,
+    query_value,
+    rows_desc,
+    start_ring,
+    tile_header,
+    tma_shapes_ok,
+)
 
 LN2 = 0.6931471805599453
 _LN2 = gl.constexpr(LN2)
@@ -45,8 +52,7 @@ Q_FACTS = gl.constexpr(2)
 
 
 def serves(q, k, v, o_part, l_part, block_m: int, block_n: int) -> bool:
-    """Whether this kernel handles the call (else the Triton kernel runs): the backward's
-    `tma_shapes_ok`, and O-partial rows, lse-partial offsets and Q rows that fit the int32 the
+    """Whether this kernel handles the call (else the Triton kernel runs): `tma_shapes_ok`, and O-partial rows, lse-partial offsets and Q rows that fit the int32 the
     kernel computes them in."""
     d = q.shape[-1]
     return (tma_shapes_ok(q, k, v, block_m, block_n, (o_part,), (l_part,))
@@ -151,7 +157,7 @@ def _fwd_consumer(k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empt
         fence_async_shared()
         gl.thread_barrier()
         for j in gl.static_range(BQ):
-            row_j = _query_value(orow, jq, j)
+            row_j = query_value(orow, jq, j)
             if row_j >= 0:
                 tma.async_copy_shared_to_global(o_desc, [row_j, 0], o_buf.slice(j * R, R))
     tma.store_wait(0)
@@ -166,11 +172,7 @@ def _sparse_fwd_hopper_kernel(
     STAGES: gl.constexpr, HAS_QPOS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
-    t = gl.load(order + tile0 + gl.program_id(0))  # longest tiles first (plan.Tiles.order)
-    g = gl.load(tiles + t * 4)
-    row = gl.load(tiles + t * 4 + 1)
-    e0 = gl.load(tiles + t * 4 + 2)
-    cnt = gl.load(tiles + t * 4 + 3)
+    _, g, row, e0, cnt = tile_header(tiles, order, tile0)
     if cnt > 0:  # unused tile slots have no entries
         BQ: gl.constexpr = BLOCK_M // R
         key_start = gl.load(row_key_start + row)
@@ -185,13 +187,7 @@ def _sparse_fwd_hopper_kernel(
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=2)  # the TMA bytes' arrive and the producer's
-            mbarrier.init(empty.index(i), count=1)  # the consumer that took the step
-        mbarrier.init(kv_bar, count=1)
-        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [key_start, g * D], kv_bar, k_smem.index(0))
-        tma.async_copy_global_to_shared(v_desc, [key_start, g * D], kv_bar, v_smem.index(0))
+        start_ring(ready, empty, kv_bar, k_desc, v_desc, k_smem, v_smem, key_start, g, D, STAGES)
         gl.warp_specialize([
             (_fwd_consumer, (k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_desc, L_part,
                              cnt, key_start, key_end, qk_scale, 0, D, R, BLOCK_M, BLOCK_N, STAGES)),
@@ -200,10 +196,7 @@ def _sparse_fwd_hopper_kernel(
             (_fwd_producer, (q_desc, QPOS, q_smem, row_smem, qf_smem, ready, empty, entry_tok, entry_slot, e0, cnt,
                              g, q0, chunk, stride_ls, stride_lt, H, D, R, BLOCK_M, STAGES, HAS_QPOS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-            mbarrier.invalidate(empty.index(i))
-        mbarrier.invalidate(kv_bar)
+        end_ring(ready, empty, kv_bar, STAGES)
 
 
 class HopperForward:
@@ -213,10 +206,10 @@ class HopperForward:
         total, hq, d = q.shape
         groups = k.shape[1]
         self.r = hq // groups
-        self.q_desc = _rows_desc(q.view(total * hq, d), self.r, d)
-        self.k_desc = _rows_desc(k.view(k.shape[0], groups * d), 128, d)
-        self.v_desc = _rows_desc(v.view(v.shape[0], groups * d), 128, d)
-        self.o_desc = _rows_desc(o_part.view(-1, d), self.r, d)
+        self.q_desc = rows_desc(q.view(total * hq, d), self.r, d)
+        self.k_desc = rows_desc(k.view(k.shape[0], groups * d), 128, d)
+        self.v_desc = rows_desc(v.view(v.shape[0], groups * d), 128, d)
+        self.o_desc = rows_desc(o_part.view(-1, d), self.r, d)
         self.l_part = l_part
         self.hq, self.d = hq, d
 

@@ -1,0 +1,67 @@
+"""What the two Gluon (sm_90) sparse attention kernels share: the shape check that decides whether
+they serve a call, row descriptors for TMA, and the kernels' common prologue and epilogue (a plan
+tile's header; the barrier ring and the K / V block's TMA load)."""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+
+def tma_shapes_ok(q, k, v, block_m: int, block_n: int, same_dtype=(), fp32=()) -> bool:
+    """What both Gluon kernels need of a call: q and `same_dtype` 16-bit and of q's dtype, `fp32`
+    float32, all contiguous on 16-byte boundaries (TMA), d 64 or 128, 128-key blocks, 64-row steps
+    of whole queries whose r heads fill 8-row swizzle atoms (r in 8..64)."""
+    d = q.shape[-1]
+    r = q.shape[1] // k.shape[1]
+    tensors = (q, k, v, *same_dtype, *fp32)
+    return (q.dtype in (torch.bfloat16, torch.float16) and {t.dtype for t in (k, v, *same_dtype)} == {q.dtype}
+            and all(t.dtype == torch.float32 for t in fp32)
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+            and d in (64, 128) and v.shape[-1] == d and block_n == 128 and block_m == 64 and r in (8, 16, 32, 64))
+
+
+def rows_desc(x2d, rows: int, d: int):
+    """A TMA descriptor for boxes of `rows` rows of a [n, d]-strided 16-bit tensor."""
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if x2d.dtype == torch.bfloat16
+                                                  else gl.float16)
+    return TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [rows, d], layout)
+
+
+@gluon.jit
+def query_value(vals, jq, j: gl.constexpr):
+    """Query j's entry of a step's per-query vector (held whole by every thread: a local sum)."""
+    return gl.sum(gl.where(jq == j, vals, 0), 0)
+
+
+@gluon.jit
+def tile_header(tiles, order, tile0):
+    """(slot, group, block row, first entry, entry count) of this program's plan tile; programs take
+    the chunk's tiles longest first (plan.Tiles.order)."""
+    t = gl.load(order + tile0 + gl.program_id(0))
+    return t, gl.load(tiles + t * 4), gl.load(tiles + t * 4 + 1), gl.load(tiles + t * 4 + 2), gl.load(tiles + t * 4 + 3)
+
+
+@gluon.jit
+def start_ring(ready, empty, kv_bar, k_desc, v_desc, k_smem, v_smem, key_start, g, D: gl.constexpr,
+               STAGES: gl.constexpr):
+    """The step ring's barriers, and the tile's K / V block on its way by TMA (kv_bar)."""
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=2)  # the TMA bytes' arrive and the producer's
+        mbarrier.init(empty.index(i), count=1)  # the consumer warpgroup(s) done with the step
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [key_start, g * D], kv_bar, k_smem.index(0))
+    tma.async_copy_global_to_shared(v_desc, [key_start, g * D], kv_bar, v_smem.index(0))
+
+
+@gluon.jit
+def end_ring(ready, empty, kv_bar, STAGES: gl.constexpr):
+    """The barriers of start_ring, invalidated once every partition is done."""
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+    mbarrier.invalidate(kv_bar)
