@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shlex
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import pytest
 from data_prep import cli, sources
 from data_prep.corpus import EOD_TOKEN, build as build_corpus, train_tokenizer
 from data_prep.manifest import Manifest
+from tests.paths import ROOT, readme_section_commands
+from tests.tiny_data import documents
 
 pytestmark = pytest.mark.filterwarnings("ignore:Could not determine rank")  # megatron logging without torch.distributed
 
@@ -266,3 +271,24 @@ def test_corpus_command_selects_files_and_caches(tmp_path):
     assert os.stat(out / "stdlib_text_document.bin").st_mtime_ns == stamp, "up to date: nothing rewritten"
     (root / "abc_mod.py").write_text("changed = True\n")
     assert build_corpus(out, vocab_size=300, workers=0, root=root, progress=False)["fingerprint"] != info["fingerprint"]
+
+
+def test_readme_commands_run_as_written(tmp_path):
+    """README "Prepare your data": both data_prep commands, their /data/... paths moved under a
+    scratch folder (a gzipped jsonl and a tokenizer directory there), run as shown."""
+    commands = [c for c in readme_section_commands("## Prepare your data") if " -m data_prep " in c]
+    assert len(commands) == 2
+    data = tmp_path / "data"
+    texts = documents(5, 60)
+    (data / "raw").mkdir(parents=True)
+    with gzip.open(data / "raw" / "web.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    (data / "tokenizers" / "mine").mkdir(parents=True)
+    train_tokenizer(texts, 300, data / "tokenizers" / "mine" / "tokenizer.json")
+    for command in commands:
+        argv = shlex.split(command.replace("/data/", f"{data}/"))
+        assert argv[:3] == [".venv/bin/python", "-m", "data_prep"]
+        proc = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    written = sorted(p.name for p in (data / "tokenized").iterdir() if p.suffix == ".idx")
+    assert written == ["web-00000-of-00002_text_document.idx", "web_text_document.idx"], written
