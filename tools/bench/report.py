@@ -38,10 +38,14 @@ def markdown(results):
         "with its index gradients, forward and backward.",
         "",
     ]
-    if results.get("config", {}).get("attn", {}).get("bwd_hopper"):
-        lines += ["On an sm_90 GPU the sparse backward rows ran the Gluon kernel "
-                  "(`msa_megatron/ops/triton/sparse_bwd_hopper.py`, knob `bwd_hopper`); the Triton kernel is its "
-                  "twin and the fallback. Design and measurements: `docs/kernel_notes.md`.", ""]
+    attn = results.get("config", {}).get("attn", {})
+    gluon = [(part, knob) for part, knob in (("forward", "fwd_hopper"), ("backward", "bwd_hopper")) if attn.get(knob)]
+    if gluon:
+        kernels = " and ".join(f"the sparse {part} ran the Gluon kernel "
+                               f"(`msa_megatron/ops/triton/sparse_{knob[:3]}_hopper.py`, knob `{knob}`)"
+                               for part, knob in gluon)
+        lines += [f"On an sm_90 GPU {kernels}; the Triton kernels are their twins and the fallback. Design and "
+                  "measurements: `docs/kernel_notes.md`.", ""]
     checks = results.get("checks", {})
     if checks:
         lines += ["Correctness before timing (relative error vs the float64 reference; selection = fraction of "

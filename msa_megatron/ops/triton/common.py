@@ -13,6 +13,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def on_sm90(t: torch.Tensor) -> bool:
+    """t lives on a Hopper (sm_90) GPU, where the Gluon kernels run."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) == (9, 0)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

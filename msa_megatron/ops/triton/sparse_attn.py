@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
+from msa_megatron.ops.triton.common import new_buffer, next_pow2, on_sm90, timed
 from msa_megatron.ops.triton.plan import SparsePlan, load_tile, program_tile
 from msa_megatron.ops.triton.rows import key_pos
 
@@ -32,9 +32,9 @@ LN2 = 0.6931471805599453
 # stage build the KL teacher in this backward (attention_kl.py) instead of a separate KL pass.
 # bwd_hopper: on an sm_90 GPU, the backward runs the Gluon kernel of sparse_bwd_hopper.py where it
 # serves the shapes (the Triton kernel below is its twin and the fallback). fwd_hopper: the same for
-# the forward (sparse_fwd_hopper.py); off until the GPU tests have run on it (kernel_notes, round 9).
+# the forward (sparse_fwd_hopper.py).
 CONFIG = {
-    "fwd_rows": 64, "fwd_warps": 4, "fwd_stages": 1, "fwd_prefetch": True, "fwd_hopper": False,
+    "fwd_rows": 64, "fwd_warps": 4, "fwd_stages": 1, "fwd_prefetch": True, "fwd_hopper": True,
     "bwd_rows": 64, "bwd_warps": 8, "bwd_stages": 3, "bwd_hopper": True,
     "dq_part_fp32": False, "kl_in_backward": True,
 }
@@ -419,7 +419,7 @@ def _block_ws_sum_kernel(
 
 def _on_hopper(knob: str, q) -> bool:
     """The Gluon kernel behind `knob` is on and q lives on an sm_90 GPU."""
-    return bool(CONFIG[knob]) and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+    return bool(CONFIG[knob]) and on_sm90(q)
 
 
 def _hopper_forward(q, k, v, o_part, l_part, block_m: int, block_n: int):
