@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msa_megatron.ops.triton import sparse_bwd_hopper as hopper, sparse_fwd_hopper as fwd_hopper
+from msa_megatron.ops.triton import dense_kl_hopper, sparse_bwd_hopper as hopper, sparse_fwd_hopper as fwd_hopper
 
 HOPPER_SMEM_BYTES = 227 * 1024
 
@@ -87,6 +87,7 @@ def _row_desc(n, d):
     return f"tensordesc<bf16[{n}, {d}],{gl.NVMMASharedLayout.get_default_for([n, d], gl.bfloat16)!r}>"
 
 
+
 def _build_bwd(r, d, has_qpos, with_teacher):
     kinds = dict(q_desc=_row_desc(r, d), do_desc=_row_desc(r, d), k_desc=_row_desc(128, d), v_desc=_row_desc(128, d),
                  dq_desc=_row_desc(r, d), sm_scale="fp32", qk_scale="fp32", QPOS="*i32", tiles="*i32", order="*i32",
@@ -105,6 +106,14 @@ def _build_fwd(r, d, has_qpos):
     return _compile_sm90(fwd_hopper._sparse_fwd_hopper_kernel, kinds, consts, fwd_hopper.NUM_WARPS)
 
 
+def _build_dense_kl(r, d, di, has_qpos):
+    kinds = dict(q_desc=_row_desc(64, d), k_desc=_row_desc(128, d), qi_desc=_row_desc(64, di), ki_desc=_row_desc(128, di),
+                 W="*bf16", QPOS="*i32", row_order="*i32", row_key_start="*i32", row_doc_end="*i32", row_blk="*i32",
+                 row_q_lo="*i32", row_q_doc_end="*i32", qk_scale="fp32", iqk_scale="fp32")
+    consts = dict(D=d, DI=di, R=r, HAS_QPOS=has_qpos)
+    return _compile_sm90(dense_kl_hopper._kl_dense_hopper_kernel, kinds, consts, dense_kl_hopper.NUM_WARPS)
+
+
 BUILDS = {
     "bwd r16 d128": lambda: _build_bwd(16, 128, False, True),
     "bwd r16 d128 no teacher": lambda: _build_bwd(16, 128, False, False),
@@ -113,6 +122,10 @@ BUILDS = {
     "fwd r16 d128": lambda: _build_fwd(16, 128, False),
     "fwd r8 d128 qpos": lambda: _build_fwd(8, 128, True),
     "fwd r64 d64": lambda: _build_fwd(64, 64, False),
+    "dense kl r16 d128": lambda: _build_dense_kl(16, 128, 128, False),
+    "dense kl r8 d128 qpos": lambda: _build_dense_kl(8, 128, 128, True),
+    "dense kl r4 d64 di64": lambda: _build_dense_kl(4, 64, 64, False),
+    "dense kl r64 d128": lambda: _build_dense_kl(64, 128, 128, False),
 }
 
 

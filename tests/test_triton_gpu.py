@@ -212,6 +212,45 @@ def test_hopper_forward_matches_its_triton_twin(hq, hkv, d, monkeypatch):
     assert rel(o_h, o_t.double()) < 1e-3 and rel(lse_h, lse_t.double()) < 1e-6
 
 
+@pytest.mark.parametrize("hq,hkv,d,di", [(16, 2, 128, 128), (64, 4, 128, 128), (8, 4, 128, 128), (4, 4, 128, 128),
+                                         (24, 2, 64, 64), (64, 1, 128, 64)])
+@pytest.mark.parametrize("subset", [False, True])
+def test_hopper_dense_kl_matches_its_triton_twin(hq, hkv, d, di, subset, monkeypatch):
+    """The Gluon dense KL pass (sm_90, knob dense_hopper; 128-key blocks) and the Triton kernel
+    (64-key blocks) on the same inputs: value, dqi and dki against float64 and against each other,
+    on all query rows and on a zigzag subset of them (context parallel); the Gluon one must have run."""
+    from msa_megatron.ops import triton as tri
+    from msa_megatron.ops.triton import dense_kl_hopper, kl
+    from tests.test_reference import _zigzag_rows
+
+    dev = _cuda()
+    launches = _count_hopper_launches(dense_kl_hopper.HopperDenseKL, dev, monkeypatch)
+    lengths = [1, 127, 129, 2049, 3000, 700]
+    q, k, v, qi, ki, cu = make(lengths, hq, hkv, d=d, di=di, seed=31, dev=dev)
+    shape = shape_for(d, di, lengths)
+    _, lse = tri.dense_attention(q, k, v, cu, shape)
+    rows = _zigzag_rows(q.shape[0], 3, 1).to(dev) if subset else torch.arange(q.shape[0], device=dev)
+    runs = {}
+    for hopper in (True, False):
+        monkeypatch.setitem(kl.CONFIG, "dense_hopper", hopper)
+        qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+        value = tri.indexer_kl(q[rows], k, lse[rows], qig[rows], kig, None, None, cu, shape, total_groups=2 * hkv,
+                               qpos=rows if subset else None)
+        value.backward()
+        runs[hopper] = (value.detach(), qig.grad, kig.grad)
+    assert launches, "the Gluon dense KL did not run"
+    qpos = rows if subset else None
+    args = (q[rows].double(), k.double(), qi[rows].double(), ki.double(), cu)
+    kl_r = ref.indexer_kl(*args, total_groups=2 * hkv, qpos=qpos)
+    dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=2 * hkv, qpos=qpos)
+    (v_h, dqi_h, dki_h), (v_t, dqi_t, dki_t) = runs[True], runs[False]
+    dqi_h, dqi_t = dqi_h[rows], dqi_t[rows]
+    assert v_h.item() == pytest.approx(kl_r.item(), rel=TOL)
+    assert rel(dqi_h, dqi_r) < TOL and rel(dki_h, dki_r) < TOL
+    assert v_h.item() == pytest.approx(v_t.item(), rel=1e-3)
+    assert rel(dqi_h, dqi_t.double()) < 5e-3 and rel(dki_h, dki_t.double()) < 5e-3
+
+
 def test_sparse_equals_dense_kernels_for_short_documents():
     from msa_megatron.ops import triton as tri
 

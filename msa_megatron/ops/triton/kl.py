@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_megatron.ops.triton.common import new_buffer, next_pow2, timed
+from msa_megatron.ops.triton.common import new_buffer, next_pow2, on_sm90, timed
 from msa_megatron.ops.triton.plan import SparsePlan, load_tile, program_tile
 from msa_megatron.ops.triton.rows import block_rows, key_pos, positions
 from msa_megatron.ops.triton.sparse_attn import _block_ws_sum_kernel, slot_sum
@@ -38,13 +38,14 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 # dense_lse_ahead loads the next head's lse before this head's product (see _kl_step), the
 # dqi-share workspace is bounded by dense_ws_mib (bf16 shares unless dense_ws_fp32), and the share
 # sum runs in block segments so that each launch has about dense_dqi_programs programs (0: one
-# segment; fp32 partials added in a fixed order).
+# segment; fp32 partials added in a fixed order). dense_hopper: on an sm_90 GPU, pass 2 runs the
+# Gluon kernel of dense_kl_hopper.py (128-key blocks) where it serves the call.
 CONFIG = {
     "kl_rows": 64, "kl_warps": 4, "kl_stages": 3, "kl_split": 2, "kl_query_rows": True,
     "kt_rows": 16, "kt_warps": 4, "kt_stages": 3, "kt_split": 1, "kt_query_rows": True, "kt_tiles": "bwd",
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
     "dense_tma": True, "dense_lse_heads_major": True, "dense_lse_ahead": True,
-    "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024,
+    "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024, "dense_hopper": False,
 }
 
 
@@ -437,6 +438,15 @@ def _dense_dqi_sum(w, dqi_rows, qblk, q0, q1, grad_scale, n_blocks, rows=64):
         torch.sum(out, dim=0, out=dqi_rows)
 
 
+def _hopper_dense(q, k, qi, ki2):
+    """The Gluon pass-2 module where it serves this call on an sm_90 GPU (knob dense_hopper), else None."""
+    if not (CONFIG["dense_hopper"] and on_sm90(q)):
+        return None
+    from msa_megatron.ops.triton import dense_kl_hopper
+
+    return dense_kl_hopper if dense_kl_hopper.serves(q, k, qi, ki2) else None
+
+
 def _q_descriptor(q, block_m):
     """A TMA descriptor over q as [T, Hq * d] with [block_m, d] tiles, or None where TMA cannot
     serve (a head dim that is not a power of two, strides or base not 16-byte aligned)."""
@@ -474,7 +484,8 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
     ki2 = ki.reshape(n_keys, di).contiguous()
     lse = lse.contiguous()
     grad_scale = index_scale / (n_keys * total_groups)
-    block = CONFIG["dense_block"]
+    hopper = _hopper_dense(q, k, qi, ki2)
+    block = hopper.BLOCK_KEYS if hopper else CONFIG["dense_block"]
     cu = cu_seqlens.to(dev)
     rows = block_rows(cu, n_keys, block, qpos)
     qp = positions(qpos, dev)
@@ -503,24 +514,28 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
     # consecutive queries' rows contiguously.
     w = new_buffer((groups, n_blocks, chunk, di), ws_dtype, dev)
     order = rows.most_queries_first()
-    q_desc = _q_descriptor(q, CONFIG["dense_rows"]) if CONFIG["dense_tma"] else None
+    q_desc = _q_descriptor(q, CONFIG["dense_rows"]) if CONFIG["dense_tma"] and not hopper else None
     # Heads-major lse ([Hq, T] viewed as [T, Hq]): a head's lse of a query tile is one contiguous load.
-    lse_k = lse.t().contiguous().t() if CONFIG["dense_lse_heads_major"] else lse
+    lse_k = lse.t().contiguous().t() if CONFIG["dense_lse_heads_major"] or hopper else lse
+    launch = hopper.HopperDenseKL(q, k, qi, ki2, lse_k.t(), ilse, qp) if hopper else None
     for q0 in range(0, total, chunk):
         q1 = min(q0 + chunk, total)
         with timed("KL dense kernel"):
-            _kl_dense_kernel[(rows.n, groups)](
-                q, q if q_desc is None else q_desc, k, qi, ki2, lse_k, ilse, qp_arg, w, dki_part, kl_part,
-                order, rows.key_start, rows.doc_end, rows.blk, rows.q_lo, rows.q_doc_end,
-                q0, q1, rows.n,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
-                lse_k.stride(0), lse_k.stride(1), ilse.stride(0), w.stride(0), w.stride(2), w.stride(1), dki_part.stride(0), dki_part.stride(1),
-                softmax_scale * LOG2E, index_scale * LOG2E,
-                HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_N=block, BLOCK_M=CONFIG["dense_rows"],
-                HAS_QPOS=qp is not None, QUERY_ROWS=CONFIG["dense_query_rows"],
-                USE_TMA=q_desc is not None, LSE_AHEAD=CONFIG["dense_lse_ahead"],
-                num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"],
-            )
+            if launch:
+                launch.launch(rows, order, w, dki_part, kl_part, q0, q1, softmax_scale * LOG2E, index_scale * LOG2E)
+            else:
+                _kl_dense_kernel[(rows.n, groups)](
+                    q, q if q_desc is None else q_desc, k, qi, ki2, lse_k, ilse, qp_arg, w, dki_part, kl_part,
+                    order, rows.key_start, rows.doc_end, rows.blk, rows.q_lo, rows.q_doc_end,
+                    q0, q1, rows.n,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
+                    lse_k.stride(0), lse_k.stride(1), ilse.stride(0), w.stride(0), w.stride(2), w.stride(1), dki_part.stride(0), dki_part.stride(1),
+                    softmax_scale * LOG2E, index_scale * LOG2E,
+                    HEAD_DIM=d, D=D, DI=di, DIP=DIP, R=r, BLOCK_N=block, BLOCK_M=CONFIG["dense_rows"],
+                    HAS_QPOS=qp is not None, QUERY_ROWS=CONFIG["dense_query_rows"],
+                    USE_TMA=q_desc is not None, LSE_AHEAD=CONFIG["dense_lse_ahead"],
+                    num_warps=CONFIG["dense_warps"], num_stages=CONFIG["dense_stages"],
+                )
         with timed("KL dense dqi sum"):
             _dense_dqi_sum(w, dqi[q0:q1], qblk, q0, q1, grad_scale, n_blocks)
     value = kl_part.sum() / (n_keys * total_groups)
