@@ -233,3 +233,55 @@ def test_forward_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
     assert bound["L_part"] is l_part and bound["R"] == 16 and bound["H"] == 32 and bound["D"] == 128
     assert (bound["tile0"], bound["q0"], bound["chunk"]) == (2, 5, q.shape[0])
     assert (bound["stride_ls"], bound["stride_lt"]) == l_part.stride()[:2]
+
+
+def _dense_kl_tensors(r=16, d=128, di=128, total=256, groups=2, dtype=torch.bfloat16):
+    q = torch.zeros(total, r * groups, d, dtype=dtype)
+    k = torch.zeros(total, groups, d, dtype=dtype)
+    return [q, k, torch.zeros(total, groups, di, dtype=dtype), torch.zeros(total, di, dtype=dtype)]
+
+
+@pytest.mark.parametrize("r,d,di", [(1, 128, 128), (16, 128, 128), (12, 64, 64), (64, 128, 64)])
+def test_dense_kl_serves_the_shapes_it_was_built_for(r, d, di):
+    assert dense_kl_hopper.serves(*_dense_kl_tensors(r, d, di))
+
+
+@pytest.mark.parametrize("change", ["d=96", "di=32", "r=65", "fp32 qi", "offset", "strided"])
+def test_dense_kl_leaves_other_calls_to_the_triton_kernel(change):
+    t = _dense_kl_tensors(r=65 if change == "r=65" else 16, d=96 if change == "d=96" else 128,
+                          di=32 if change == "di=32" else 128)
+    if change == "fp32 qi":
+        t[2] = t[2].float()
+    if change == "offset":  # 2 bytes past a 16-byte boundary: no TMA descriptor
+        t[0] = torch.zeros(t[0].numel() + 8, dtype=t[0].dtype)[1:t[0].numel() + 1].view(t[0].shape)
+    if change == "strided":
+        t[1] = torch.zeros(t[1].shape[0] * 2, *t[1].shape[1:], dtype=t[1].dtype)[::2]
+    assert not dense_kl_hopper.serves(*t)
+
+
+@pytest.mark.parametrize("with_qpos", [False, True])
+def test_dense_kl_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
+    """HopperDenseKL.launch against the kernel's signature (a recorder stands in for the launch):
+    the share buffer's strides reach the kernel as (group, block, query)."""
+    from types import SimpleNamespace
+
+    q, k, qi, ki = _dense_kl_tensors()
+    ints = lambda n: torch.zeros(n, dtype=torch.int32)  # noqa: E731
+    lse_heads, ilse, qpos = torch.zeros(32, 256), torch.zeros(2, 256), ints(256)
+    rows = SimpleNamespace(n=5, key_start=ints(5), doc_end=ints(5), blk=ints(5), q_lo=ints(5), q_doc_end=ints(5))
+    w, dki_part, kl_part = torch.zeros(2, 3, 64, 128), torch.zeros(2, 256, 128), torch.zeros(2, 5)
+    calls = []
+    kernel_fn = dense_kl_hopper._kl_dense_hopper_kernel.fn
+    recorder = type("Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **kw: calls.append((grid, a, kw))})
+    monkeypatch.setattr(dense_kl_hopper, "_kl_dense_hopper_kernel", recorder())
+    launcher = dense_kl_hopper.HopperDenseKL(q, k, qi, ki, lse_heads, ilse, qpos if with_qpos else None)
+    launcher.launch(rows, ints(5), w, dki_part, kl_part, 64, 128, 0.5, 0.25)
+    (grid, args, kwargs), = calls
+    assert grid == (5, 2) and kwargs.pop("num_warps") == dense_kl_hopper.NUM_WARPS
+    bound = inspect.signature(kernel_fn).bind(*args, **kwargs).arguments
+    assert bound["HAS_QPOS"] is with_qpos and (bound["QPOS"] is qpos) == with_qpos
+    assert bound["LSE"] is lse_heads and bound["ILSE"] is ilse and bound["W"] is w and bound["R"] == 16
+    assert (bound["stride_lh"], bound["stride_ig"]) == (256, 256)
+    assert (bound["stride_wg"], bound["stride_wb"], bound["stride_wt"]) == (3 * 64 * 128, 64 * 128, 128)
+    assert (bound["stride_dg"], bound["stride_dt"]) == dki_part.stride()[:2]
+    assert (bound["q0"], bound["q1"], bound["n_rows"], bound["qk_scale"], bound["iqk_scale"]) == (64, 128, 5, 0.5, 0.25)

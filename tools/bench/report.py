@@ -38,12 +38,16 @@ def markdown(results):
         "with its index gradients, forward and backward.",
         "",
     ]
-    attn = results.get("config", {}).get("attn", {})
-    gluon = [(part, knob) for part, knob in (("forward", "fwd_hopper"), ("backward", "bwd_hopper")) if attn.get(knob)]
+    config = results.get("config", {})
+    gluon = [(part, f"sparse_{knob[:3]}_hopper.py", knob) for part, knob in
+             (("the sparse forward", "fwd_hopper"), ("the sparse backward", "bwd_hopper"))
+             if config.get("attn", {}).get(knob)]
+    if config.get("kl", {}).get("dense_hopper"):
+        gluon.append(("the dense KL's second pass", "dense_kl_hopper.py", "dense_hopper"))
     if gluon:
-        kernels = " and ".join(f"the sparse {part} ran the Gluon kernel "
-                               f"(`msa_megatron/ops/triton/sparse_{knob[:3]}_hopper.py`, knob `{knob}`)"
-                               for part, knob in gluon)
+        ran = [f"{part} ran the Gluon kernel (`msa_megatron/ops/triton/{path}`, knob `{knob}`)"
+               for part, path, knob in gluon]
+        kernels = ran[0] if len(ran) == 1 else ", ".join(ran[:-1]) + " and " + ran[-1]
         lines += [f"On an sm_90 GPU {kernels}; the Triton kernels are their twins and the fallback. Design and "
                   "measurements: `docs/kernel_notes.md`.", ""]
     checks = results.get("checks", {})
