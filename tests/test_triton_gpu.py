@@ -230,16 +230,16 @@ def test_hopper_dense_kl_matches_its_triton_twin(hq, hkv, d, di, subset, monkeyp
     shape = shape_for(d, di, lengths)
     _, lse = tri.dense_attention(q, k, v, cu, shape)
     rows = _zigzag_rows(q.shape[0], 3, 1).to(dev) if subset else torch.arange(q.shape[0], device=dev)
+    qpos = rows if subset else None
     runs = {}
     for hopper in (True, False):
         monkeypatch.setitem(kl.CONFIG, "dense_hopper", hopper)
         qig, kig = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
         value = tri.indexer_kl(q[rows], k, lse[rows], qig[rows], kig, None, None, cu, shape, total_groups=2 * hkv,
-                               qpos=rows if subset else None)
+                               qpos=qpos)
         value.backward()
         runs[hopper] = (value.detach(), qig.grad, kig.grad)
     assert launches, "the Gluon dense KL did not run"
-    qpos = rows if subset else None
     args = (q[rows].double(), k.double(), qi[rows].double(), ki.double(), cu)
     kl_r = ref.indexer_kl(*args, total_groups=2 * hkv, qpos=qpos)
     dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=2 * hkv, qpos=qpos)
