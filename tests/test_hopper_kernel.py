@@ -31,6 +31,16 @@ def _tensors(r=16, d=128, total=256, groups=2, dtype=torch.bfloat16):
     return [q, k, k.clone(), q.clone(), lse, lse.clone(), dq_part]
 
 
+def _misaligned(t):
+    """t's values 2 bytes past a 16-byte boundary: no TMA descriptor."""
+    return torch.zeros(t.numel() + 8, dtype=t.dtype)[1:t.numel() + 1].view(t.shape)
+
+
+def _strided(t):
+    """t's shape with every other row of a larger tensor (not contiguous)."""
+    return torch.zeros(t.shape[0] * 2, *t.shape[1:], dtype=t.dtype)[::2]
+
+
 @pytest.mark.parametrize("r,d", [(8, 128), (16, 128), (32, 64), (64, 128)])
 def test_serves_the_shapes_it_was_built_for(r, d):
     assert hopper.serves(*_tensors(r, d), 64, 128)
@@ -46,10 +56,10 @@ def test_leaves_other_calls_to_the_triton_kernel(change):
         t[6] = t[6].float()
     if change == "fp32 q":
         t[0] = t[0].float()
-    if change == "offset":  # 2 bytes past a 16-byte boundary: no TMA descriptor
-        t[0] = torch.zeros(t[0].numel() + 8, dtype=t[0].dtype)[1:t[0].numel() + 1].view(t[0].shape)
+    if change == "offset":
+        t[0] = _misaligned(t[0])
     if change == "strided":
-        t[3] = torch.zeros(t[3].shape[0] * 2, *t[3].shape[1:], dtype=t[3].dtype)[::2]
+        t[3] = _strided(t[3])
     # the kernel's teacher offsets are int32: a teacher buffer of 2^31 elements is not its to write
     teacher = torch.empty(2**31 if change == "teacher 2^31" else 2**31 - 1, device="meta")
     assert not hopper.serves(*t, block_m, block_n, teacher)
@@ -200,10 +210,10 @@ def test_forward_leaves_other_calls_to_the_triton_kernel(change):
         t[3] = t[3].float()
     if change == "fp64 lse":
         t[4] = t[4].double()
-    if change == "offset":  # 2 bytes past a 16-byte boundary: no TMA descriptor
-        t[0] = torch.zeros(t[0].numel() + 8, dtype=t[0].dtype)[1:t[0].numel() + 1].view(t[0].shape)
+    if change == "offset":
+        t[0] = _misaligned(t[0])
     if change == "strided":
-        t[1] = torch.zeros(t[1].shape[0] * 2, *t[1].shape[1:], dtype=t[1].dtype)[::2]
+        t[1] = _strided(t[1])
     if change == "lse 2^31":  # the kernel's lse-partial offsets are int32
         t[4] = torch.empty(2**31, device="meta")
     assert not fwd_hopper.serves(*t, block_m, block_n)
@@ -252,10 +262,10 @@ def test_dense_kl_leaves_other_calls_to_the_triton_kernel(change):
                           di=32 if change == "di=32" else 128)
     if change == "fp32 qi":
         t[2] = t[2].float()
-    if change == "offset":  # 2 bytes past a 16-byte boundary: no TMA descriptor
-        t[0] = torch.zeros(t[0].numel() + 8, dtype=t[0].dtype)[1:t[0].numel() + 1].view(t[0].shape)
+    if change == "offset":
+        t[0] = _misaligned(t[0])
     if change == "strided":
-        t[1] = torch.zeros(t[1].shape[0] * 2, *t[1].shape[1:], dtype=t[1].dtype)[::2]
+        t[1] = _strided(t[1])
     assert not dense_kl_hopper.serves(*t)
 
 
