@@ -24,7 +24,6 @@ tensor-core time; docs/kernel_notes.md (round 10) has what was measured and what
 
 from __future__ import annotations
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -35,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from msa_megatron.ops.triton.hopper_common import rows_desc
+from msa_megatron.ops.triton.hopper_common import drop_ring, init_ring, rows_desc, tma_tensors_ok
 
 LOG2E = 1.4426950408889634
 _LOG2E = gl.constexpr(LOG2E)
@@ -58,9 +57,7 @@ ROW_FACTS = gl.constexpr(2)
 def serves(q, k, qi, ki) -> bool:
     """Whether this kernel handles the call (else the Triton kernel runs): 16-bit q, k, qi, ki of
     one dtype, contiguous on 16-byte boundaries (TMA), head dims 64 or 128, offsets within int32."""
-    tensors = (q, k, qi, ki)
-    return (q.dtype in (torch.bfloat16, torch.float16) and {t.dtype for t in tensors} == {q.dtype}
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+    return (tma_tensors_ok((q, k, qi, ki))
             and q.shape[-1] in (64, 128) and k.shape[-1] == q.shape[-1] and qi.shape[-1] in (64, 128)
             and ki.shape[-1] == qi.shape[-1] and q.shape[1] % k.shape[1] == 0 and q.shape[1] // k.shape[1] <= 64
             and q.shape[0] * q.shape[1] < 2**31)
@@ -234,12 +231,8 @@ def _kl_dense_hopper_kernel(
         s_ready = gl.allocate_shared_memory(gl.int64, [STEP_BUFFERS, 1], mbarrier.MBarrierLayout())
         s_empty = gl.allocate_shared_memory(gl.int64, [STEP_BUFFERS, 1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(Q_BUFFERS):
-            mbarrier.init(q_ready.index(i), count=1)  # the TMA bytes
-            mbarrier.init(q_empty.index(i), count=1)  # the consumers done with the tile
-        for i in gl.static_range(STEP_BUFFERS):
-            mbarrier.init(s_ready.index(i), count=2)  # the TMA bytes' arrive and the producer's
-            mbarrier.init(s_empty.index(i), count=1)
+        init_ring(q_ready, q_empty, Q_BUFFERS, 1)  # Q tiles: TMA only
+        init_ring(s_ready, s_empty, STEP_BUFFERS, 2)  # a step's qi tile by TMA, the rest by the producer
         mbarrier.init(kv_bar, count=1)
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + ki_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [key_start, g * D], kv_bar, k_smem.index(0))
@@ -253,12 +246,8 @@ def _kl_dense_hopper_kernel(
                          q_ready, q_empty, s_ready, s_empty, g, qa, qb, n_steps, stride_lh, stride_ig,
                          D, DI, R, HAS_QPOS)),
         ], [1], [PRODUCER_REGS])
-        for i in gl.static_range(Q_BUFFERS):
-            mbarrier.invalidate(q_ready.index(i))
-            mbarrier.invalidate(q_empty.index(i))
-        for i in gl.static_range(STEP_BUFFERS):
-            mbarrier.invalidate(s_ready.index(i))
-            mbarrier.invalidate(s_empty.index(i))
+        drop_ring(q_ready, q_empty, Q_BUFFERS)
+        drop_ring(s_ready, s_empty, STEP_BUFFERS)
         mbarrier.invalidate(kv_bar)
 
 
@@ -266,6 +255,7 @@ class HopperDenseKL:
     """Descriptors of one dense KL call (the tensors stay put over its query chunks)."""
 
     def __init__(self, q, k, qi, ki2, lse_heads, ilse, qpos):
+        """lse_heads [Hq, T] and ilse [G, T]: the main and index lse (natural log), row-major."""
         total, hq, d = q.shape
         groups, di = qi.shape[1], qi.shape[2]
         self.r, self.d, self.di = hq // k.shape[1], d, di
@@ -276,7 +266,7 @@ class HopperDenseKL:
         self.lse, self.ilse, self.qpos = lse_heads, ilse, qpos
 
     def launch(self, rows, order, w, dki_part, kl_part, q0, q1, qk_scale, iqk_scale):
-        """Pass 2 over query rows [q0, q1): lse_heads [Hq, T] and ilse [G, T] natural-log lse."""
+        """Pass 2 over query rows [q0, q1)."""
         _kl_dense_hopper_kernel[(rows.n, self.ilse.shape[0])](
             self.q_desc, self.k_desc, self.qi_desc, self.ki_desc, self.lse, self.ilse,
             self.ilse if self.qpos is None else self.qpos, w, dki_part, kl_part,

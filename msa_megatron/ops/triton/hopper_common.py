@@ -1,6 +1,6 @@
-"""What the two Gluon (sm_90) sparse attention kernels share: the shape check that decides whether
-they serve a call, row descriptors for TMA, and the kernels' common prologue and epilogue (a plan
-tile's header; the barrier ring and the K / V block's TMA load)."""
+"""What the Gluon (sm_90) kernels share: the checks that decide whether they serve a call, row
+descriptors for TMA, barrier rings, and the sparse kernels' common prologue and epilogue (a plan
+tile's header; the K / V block's TMA load)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,22 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
+def tma_tensors_ok(tensors16, fp32=()) -> bool:
+    """`tensors16` all of one 16-bit dtype, `fp32` float32, every one contiguous on a 16-byte
+    boundary (what TMA descriptors and the kernels' flat offsets need)."""
+    return (tensors16[0].dtype in (torch.bfloat16, torch.float16)
+            and {t.dtype for t in tensors16} == {tensors16[0].dtype}
+            and all(t.dtype == torch.float32 for t in fp32)
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (*tensors16, *fp32)))
+
+
 def tma_shapes_ok(q, k, v, block_m: int, block_n: int, same_dtype=(), fp32=()) -> bool:
-    """What both Gluon kernels need of a call: q and `same_dtype` 16-bit and of q's dtype, `fp32`
-    float32, all contiguous on 16-byte boundaries (TMA), d 64 or 128, 128-key blocks, 64-row steps
-    of whole queries whose r heads fill 8-row swizzle atoms (r in 8..64)."""
+    """What both sparse Gluon kernels need of a call: `tma_tensors_ok` for q, k, v, `same_dtype`
+    and `fp32`, d 64 or 128, 128-key blocks, 64-row steps of whole queries whose r heads fill
+    8-row swizzle atoms (r in 8..64)."""
     d = q.shape[-1]
     r = q.shape[1] // k.shape[1]
-    tensors = (q, k, v, *same_dtype, *fp32)
-    return (q.dtype in (torch.bfloat16, torch.float16) and {t.dtype for t in (k, v, *same_dtype)} == {q.dtype}
-            and all(t.dtype == torch.float32 for t in fp32)
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+    return (tma_tensors_ok((q, k, v, *same_dtype), fp32)
             and d in (64, 128) and v.shape[-1] == d and block_n == 128 and block_m == 64 and r in (8, 16, 32, 64))
 
 
@@ -46,12 +52,27 @@ def tile_header(tiles, order, tile0):
 
 
 @gluon.jit
+def init_ring(ready, empty, STAGES: gl.constexpr, READY_ARRIVALS: gl.constexpr):
+    """A ring of STAGES buffers' barriers: `ready` takes READY_ARRIVALS arrives (the TMA bytes'
+    and, with 2, the producer's own), `empty` one (the consumers done with the buffer)."""
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=READY_ARRIVALS)
+        mbarrier.init(empty.index(i), count=1)
+
+
+@gluon.jit
+def drop_ring(ready, empty, STAGES: gl.constexpr):
+    """The barriers of init_ring, invalidated once every partition is done."""
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+@gluon.jit
 def start_ring(ready, empty, kv_bar, k_desc, v_desc, k_smem, v_smem, key_start, g, D: gl.constexpr,
                STAGES: gl.constexpr):
     """The step ring's barriers, and the tile's K / V block on its way by TMA (kv_bar)."""
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=2)  # the TMA bytes' arrive and the producer's
-        mbarrier.init(empty.index(i), count=1)  # the consumer warpgroup(s) done with the step
+    init_ring(ready, empty, STAGES, 2)
     mbarrier.init(kv_bar, count=1)
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [key_start, g * D], kv_bar, k_smem.index(0))
@@ -61,7 +82,5 @@ def start_ring(ready, empty, kv_bar, k_desc, v_desc, k_smem, v_smem, key_start, 
 @gluon.jit
 def end_ring(ready, empty, kv_bar, STAGES: gl.constexpr):
     """The barriers of start_ring, invalidated once every partition is done."""
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
+    drop_ring(ready, empty, STAGES)
     mbarrier.invalidate(kv_bar)
