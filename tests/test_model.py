@@ -120,6 +120,28 @@ def test_sparse_equals_dense_when_documents_fit_the_budget():
     assert abs(a.item() - lm_loss(model, longer).item()) > 1e-6  # beyond the budget they differ
 
 
+@pytest.mark.parametrize("attention", ["msa", "gqa"])
+def test_dense_attention_gets_the_hosts_document_edges(attention, monkeypatch):
+    """The warm-up and gqa layers hand the batch's host edges to the dense attention (which then
+    calls cuDNN per long document on the GPU, no device sync)."""
+    from msa_megatron import ops
+
+    seen, dense = [], ops.dense_attention
+
+    def spy(q, k, v, cu, shape, backend, qpos=None):
+        seen.append(shape.doc_edges)
+        return dense(q, k, v, cu, shape, backend, qpos=qpos)
+
+    monkeypatch.setattr(ops, "dense_attention", spy)
+    cfg = config(attention={"type": attention})
+    model = build(cfg)
+    set_sparse_stage(model, False)
+    b = batch(cfg)
+    lm_loss(model, b)
+    assert len(seen) == cfg.model.num_layers and b.cu_seqlens.numel() > 3
+    assert all(edges == tuple(b.cu_seqlens.tolist()) for edges in seen)
+
+
 def test_kl_is_recorded_per_layer_and_nonnegative():
     cfg = config()
     model = build(cfg)

@@ -49,8 +49,12 @@ def make(lengths, hq, hkv, d=128, di=128, seed=0, dev=None):
     return rnd(total, hq, d), rnd(total, hkv, d), rnd(total, hkv, d), rnd(total, hkv, di), rnd(total, 1, di), cu
 
 
-def shape_for(d, di, lengths, bk=128, k=16):
-    return MSAShape(bk, k, 1 / math.sqrt(d), 1 / math.sqrt(di), max(lengths))
+def shape_for(d, di, lengths, bk=128, k=16, doc_edges=None):
+    return MSAShape(bk, k, 1 / math.sqrt(d), 1 / math.sqrt(di), max(lengths), doc_edges)
+
+
+def edges_of(lengths):
+    return tuple(int(e) for e in [0] + torch.tensor(lengths).cumsum(0).tolist())
 
 
 def check_selection(sel, sel_ref, scores, cu, bk, k, tol=1e-4):
@@ -451,9 +455,24 @@ def test_dense_attention_runs_on_a_library_kernel():
         _check_dense_against_reference(tri, q, k, v, cu, lengths)
 
 
-def _check_dense_against_reference(tri, q, k, v, cu, lengths):
+@pytest.mark.parametrize("lengths", [[1, 127, 129, 2049, 3000, 5], [1100, 3, 1024, 1023, 64, 1500], [300, 200]])
+def test_dense_attention_per_document_with_host_edges(lengths):
+    """Packed documents whose edges the host knows: cuDNN per long document, flash per run of short
+    ones (cudnn_docs), against the float64 reference, forward and backward."""
+    from msa_megatron.ops import triton as tri
+    from msa_megatron.ops.triton import dense_lib
+    from msa_megatron.ops.triton.dense_attn import dense_backend
+
+    dev = _cuda()
+    q, k, v, _, _, cu = make(lengths, 16, 2, seed=15, dev=dev)
+    name = dense_backend(q, k, cu, max(lengths), edges=edges_of(lengths))
+    assert name == "cudnn_docs", dense_lib.PROBES
+    _check_dense_against_reference(tri, q, k, v, cu, lengths, edges_of(lengths))
+
+
+def _check_dense_against_reference(tri, q, k, v, cu, lengths, doc_edges=None):
     qg, kg, vg = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    o, lse = tri.dense_attention(qg, kg, vg, cu, shape_for(128, 128, lengths))
+    o, lse = tri.dense_attention(qg, kg, vg, cu, shape_for(128, 128, lengths, doc_edges=doc_edges))
     do = torch.randn_like(o)
     o.backward(do)
     qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]

@@ -22,6 +22,9 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, T] int64, position inside the document
     cu_seqlens: torch.Tensor  # [n_docs + 1] int32, document edges over the T tokens
     max_seqlen: int
+    # The same edges as host ints (`to` leaves them here): dense attention picks per-document
+    # library calls from them without a device sync. None where unknown.
+    cu_seqlens_host: Optional[tuple] = None
     # Context parallelism (split_for_context_parallel): tokens..position_ids hold this rank's rows;
     # cu_seqlens and max_seqlen still describe the whole micro-batch.
     qpos: Optional[torch.Tensor] = None  # [T_local] int64, row of each local token in the micro-batch
@@ -49,6 +52,7 @@ class PackedBatch:
             qkv_format="thd",
             cu_seqlens_q=self.cu_seqlens,
             cu_seqlens_kv=self.cu_seqlens,
+            cu_seqlens_host=self.cu_seqlens_host,
             max_seqlen_q=self.max_seqlen,
             max_seqlen_kv=self.max_seqlen,
             positions=document_positions(self.cu_seqlens, rows),
@@ -117,5 +121,6 @@ def pack_samples(
         position_ids=torch.cat(positions)[None],
         cu_seqlens=cu,
         max_seqlen=max_seqlen,
+        cu_seqlens_host=tuple(edges),
         answer_distance=answers,
     )

@@ -149,27 +149,30 @@ class PackedCoreAttention(MegatronModule):
         # when TP > groups and each rank keeps a replica of one group).
         self.total_groups = num_query_groups or config.num_query_groups
 
-    def _shape(self, max_seqlen: int, index_head_dim: int = 1) -> ops.MSAShape:
+    def _shape(self, docs: dict, index_head_dim: int = 1) -> ops.MSAShape:
+        """docs: max_seqlen and doc_edges from `_packed`."""
         msa = self.msa
         return ops.MSAShape(
             block_size=msa.block_size if msa else 1,
             topk=msa.topk_blocks if msa else 1,
             softmax_scale=self.softmax_scale,
             index_scale=1.0 / math.sqrt(index_head_dim),
-            max_seqlen=max_seqlen,
+            **docs,
         )
 
     def _packed(self, query, key, value, packed_seq_params):
-        """(q [Tq, h, d], k and v [T, g, d] over all key rows, cu_seqlens, max_seqlen, qpos, output shaper)."""
+        """(q [Tq, h, d], k and v [T, g, d] over all key rows, cu_seqlens, the documents' host facts
+        (max_seqlen, doc_edges: see MSAShape), qpos, output shaper)."""
         if _is_thd(packed_seq_params):
             p = packed_seq_params
             key, value = self._all_keys(key, p), self._all_keys(value, p)
-            return query, key, value, p.cu_seqlens_q, int(p.max_seqlen_q), getattr(p, "qpos", None), lambda o: o.reshape(o.shape[0], -1)
+            docs = dict(max_seqlen=int(p.max_seqlen_q), doc_edges=getattr(p, "cu_seqlens_host", None))
+            return query, key, value, p.cu_seqlens_q, docs, getattr(p, "qpos", None), lambda o: o.reshape(o.shape[0], -1)
         s, b = query.shape[:2]
         flat = lambda t: t.transpose(0, 1).reshape(b * s, *t.shape[2:])
         cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=query.device)
         unflat = lambda o: o.reshape(b, s, -1).transpose(0, 1).contiguous()
-        return flat(query), flat(key), flat(value), cu, s, None, unflat
+        return flat(query), flat(key), flat(value), cu, dict(max_seqlen=s), None, unflat
 
     def _all_keys(self, local, packed_seq_params):
         """Key-side tensor of all micro-batch rows: the CP all-gather when the batch is split."""
@@ -177,9 +180,9 @@ class PackedCoreAttention(MegatronModule):
         return local if index is None else gather_keys(local, index, self.cp_group)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
-        q, k, v, cu, max_seqlen, qpos, back = self._packed(query, key, value, packed_seq_params)
+        q, k, v, cu, docs, qpos, back = self._packed(query, key, value, packed_seq_params)
         backend = ops.resolve_backend(self.backend_name, q.device)
-        o, _ = ops.dense_attention(q, k, v, cu, self._shape(max_seqlen), backend, qpos=qpos)
+        o, _ = ops.dense_attention(q, k, v, cu, self._shape(docs), backend, qpos=qpos)
         return back(o)
 
 
@@ -189,9 +192,9 @@ class LocalCoreAttention(PackedCoreAttention):
     same sparse-attention ops as MSA, with a selection built from positions (no parameters)."""
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
-        q, k, v, cu, max_seqlen, qpos, back = self._packed(query, key, value, packed_seq_params)
+        q, k, v, cu, docs, qpos, back = self._packed(query, key, value, packed_seq_params)
         backend = ops.resolve_backend(self.backend_name, q.device)
-        shape = self._shape(max_seqlen)
+        shape = self._shape(docs)
         topk = ops.local_selection(cu, q.shape[0], shape, k.shape[1], qpos=qpos)
         o, _ = ops.sparse_attention(q, k, v, topk, cu, shape, backend, qpos=qpos)
         return back(o)
@@ -222,13 +225,13 @@ class MSACoreAttention(PackedCoreAttention):
     ):
         if index_q is None or index_k is None:
             raise RuntimeError("MSACoreAttention needs index_q and index_k: build it through MSASelfAttention")
-        q, k, v, cu, max_seqlen, qpos, back = self._packed(query, key, value, packed_seq_params)
+        q, k, v, cu, docs, qpos, back = self._packed(query, key, value, packed_seq_params)
         qi, ki = index_q, index_k
         if qi.dim() == 4:  # [s, b, G, di] -> the same THD flattening as q
             qi, ki = (t.transpose(0, 1).reshape(-1, *t.shape[2:]) for t in (qi, ki))
         elif _is_thd(packed_seq_params):
             ki = self._all_keys(ki, packed_seq_params)
-        shape = self._shape(max_seqlen, qi.shape[-1])
+        shape = self._shape(docs, qi.shape[-1])
         backend = ops.resolve_backend(self.backend_name, q.device)
         # In the no-grad first pass of activation recompute the KL is skipped: the recompute in
         # backward computes (and records) it, once.

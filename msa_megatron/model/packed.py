@@ -5,7 +5,8 @@ max_seqlen_* is its longest document. Added:
 - positions [T_local]: each local token's position inside its document (RoPE uses exactly this,
   so a context-parallel rank rotates its tokens as CP 1 does);
 - qpos [T_local]: each local token's row in the micro-batch (None: all rows are local);
-- cp_gather_index [T]: the order of the context-parallel all-gather (see parallel/context.py).
+- cp_gather_index [T]: the order of the context-parallel all-gather (see parallel/context.py);
+- cu_seqlens_host: cu_seqlens as host ints when the data pipeline has them (no device sync).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class PackedParams(PackedSeqParams):
     positions: Optional[torch.Tensor] = None
     qpos: Optional[torch.Tensor] = None
     cp_gather_index: Optional[torch.Tensor] = None
+    cu_seqlens_host: Optional[tuple] = None
 
 
 def document_positions(cu_seqlens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

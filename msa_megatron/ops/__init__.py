@@ -38,6 +38,9 @@ class MSAShape:
     softmax_scale: float
     index_scale: float
     max_seqlen: int
+    # The host's copy of cu_seqlens when the caller has one (the data pipeline builds it on the host):
+    # dense attention then calls cuDNN per long document without a device sync. None: not known.
+    doc_edges: Optional[tuple] = None
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

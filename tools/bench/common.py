@@ -127,7 +127,11 @@ def shape_of(lengths):
 
     from msa_megatron.ops import MSAShape
 
-    return MSAShape(BK, TOPK, 1 / math.sqrt(D), 1 / math.sqrt(DI), max(lengths))
+    edges = [0]
+    for n in lengths:
+        edges.append(edges[-1] + n)
+    # the host's document edges, as the training data pipeline passes them (dense_lib: cudnn_docs)
+    return MSAShape(BK, TOPK, 1 / math.sqrt(D), 1 / math.sqrt(DI), max(lengths), doc_edges=tuple(edges))
 
 
 def peak_gib(fn):

@@ -97,7 +97,7 @@ def dense_attention(q, k, v, cu_seqlens, shape, qpos=None):
     """Dense causal attention: cuDNN / flash varlen when they agree with our kernels, else Triton."""
     return DenseAttention.apply(
         q, k, v, _cu(cu_seqlens, q.device), _scale(shape.softmax_scale, q.shape[-1]), int(shape.max_seqlen),
-        positions(qpos, q.device),
+        positions(qpos, q.device), shape.doc_edges,
     )
 
 

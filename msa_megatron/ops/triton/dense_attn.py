@@ -238,32 +238,33 @@ def _triton_reference(q, k, v, do, cu, scale):
     return o, lse, triton_backward(do, q, k, v, o, lse, None, cu, scale)
 
 
-def dense_backend(q, k, cu_seqlens, max_seqlen, qpos=None) -> str:
-    """The kernel family the dense attention of this batch runs on (see the module docstring)."""
+def dense_backend(q, k, cu_seqlens, max_seqlen, qpos=None, edges=None) -> str:
+    """The kernel family the dense attention of this batch runs on (see the module docstring);
+    `edges`: the host's copy of cu_seqlens, when the caller has one."""
     if qpos is not None or interpreting() or q.device.type != "cuda" or q.shape[0] == 0:
         return "triton"
-    return dense_lib.choose(q, k, dense_lib.batch_kind(q, cu_seqlens, max_seqlen), _triton_reference)
+    return dense_lib.choose(q, k, dense_lib.batch_kind(q, cu_seqlens, max_seqlen, edges), _triton_reference)
 
 
 class DenseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, softmax_scale, max_seqlen, qpos):
+    def forward(ctx, q, k, v, cu_seqlens, softmax_scale, max_seqlen, qpos, edges=None):
         ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the library backward serves
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        name = dense_backend(q, k, cu_seqlens, max_seqlen, qpos)
+        name = dense_backend(q, k, cu_seqlens, max_seqlen, qpos, edges)
         state = ()
         with timed(f"dense attention fwd ({name})"):
             if name == "triton":
                 o, lse = triton_forward(q, k, v, cu_seqlens, softmax_scale, qpos)
             else:
-                o, lse, state = dense_lib.forward(name, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+                o, lse, state = dense_lib.forward(name, q, k, v, cu_seqlens, max_seqlen, softmax_scale, edges)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, *([] if qpos is None else [qpos]), *state)
-        ctx.meta = (name, softmax_scale, max_seqlen, qpos is not None, len(state))
+        ctx.meta = (name, softmax_scale, max_seqlen, qpos is not None, len(state), edges)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        name, scale, max_seqlen, has_qpos, n_state = ctx.meta
+        name, scale, max_seqlen, has_qpos, n_state, edges = ctx.meta
         saved = ctx.saved_tensors
         q, k, v, o, lse, cu = saved[:6]
         qpos = saved[6] if has_qpos else None
@@ -271,8 +272,8 @@ class DenseAttention(torch.autograd.Function):
         do = torch.zeros_like(o) if do is None else do.contiguous()
         if name != "triton" and dlse is None:
             with timed(f"dense attention bwd ({name})"):
-                dq, dk, dv = dense_lib.backward(name, do, q, k, v, o, state, cu, max_seqlen, scale)
+                dq, dk, dv = dense_lib.backward(name, do, q, k, v, o, state, cu, max_seqlen, scale, edges)
         else:
             with timed("dense attention bwd (triton)"):
                 dq, dk, dv = triton_backward(do, q, k, v, o, lse, dlse, cu, scale, qpos)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None

@@ -6,6 +6,10 @@ Candidates, fastest first (`CANDIDATES`):
 - cudnn / cudnn_kv: cuDNN varlen attention (cu_seqlens), K/V as is or expanded to the query heads
   (a cuDNN build whose varlen path ignores GQA then still serves; dK/dV are summed back).
 - flash: flash attention varlen (GQA as is).
+- cudnn_docs: documents of different lengths whose edges the host knows (the data pipeline builds
+  cu_seqlens on the host: no sync): each document of at least LONG_DOC tokens is one
+  cudnn_batched call of batch 1, each run of shorter documents between them one flash call. cuDNN's
+  varlen backward, the one call that would serve these batches, disagrees with ours in torch 2.11.
 
 `choose` runs each candidate once per (device, dtype, head shape, batch kind) on a small batch
 against our Triton kernels (values, lse and gradients) and takes the first that agrees, so a
@@ -21,19 +25,82 @@ import warnings
 
 import torch
 
-CANDIDATES = {"uniform": ("cudnn_batched", "cudnn", "cudnn_kv", "flash"), "varlen": ("cudnn", "cudnn_kv", "flash")}
+CANDIDATES = {
+    "uniform": ("cudnn_batched", "cudnn", "cudnn_kv", "flash"),
+    "docs": ("cudnn_docs", "cudnn", "cudnn_kv", "flash"),
+    "varlen": ("cudnn", "cudnn_kv", "flash"),
+}
+LONG_DOC = 1024  # tokens: a shorter document costs less than a call of its own (cudnn_docs)
 PROBES = {}  # (device, dtype, Hq, Hkv, d, kind) -> {candidate: errors or the exception}
 _CHOSEN = {}  # same key -> candidate name, or "triton"
 
 
-def batch_kind(q, cu_seqlens, max_seqlen) -> str:
-    """'uniform' when every document is max_seqlen long (known from shapes alone: no host sync)."""
-    return "uniform" if max_seqlen > 0 and q.shape[0] == (cu_seqlens.numel() - 1) * max_seqlen else "varlen"
+def batch_kind(q, cu_seqlens, max_seqlen, edges=None) -> str:
+    """'uniform' when every document is max_seqlen long (known from shapes alone: no host sync),
+    'docs' when `edges` (the host's copy of cu_seqlens) describes these rows, else 'varlen'."""
+    if max_seqlen > 0 and q.shape[0] == (cu_seqlens.numel() - 1) * max_seqlen:
+        return "uniform"
+    if edges is not None and len(edges) == cu_seqlens.numel() and edges[0] == 0 and edges[-1] == q.shape[0]:
+        return "docs"
+    return "varlen"
 
 
-def forward(name, q, k, v, cu, max_seqlen, scale):
-    """(o [T, Hq, d], lse [T, Hq] fp32, state for `backward`)."""
+def doc_segments(edges, long_doc=None):
+    """cudnn_docs' calls as (first document, end document, candidate): each document of at least
+    long_doc (LONG_DOC) tokens alone on cudnn_batched, each run of shorter ones together on flash."""
+    long_doc = LONG_DOC if long_doc is None else long_doc
+    segments, run = [], None
+    for i in range(len(edges) - 1):
+        if edges[i + 1] - edges[i] >= long_doc:
+            if run is not None:
+                segments.append((run, i, "flash"))
+                run = None
+            segments.append((i, i + 1, "cudnn_batched"))
+        elif run is None:
+            run = i
+    if run is not None:
+        segments.append((run, len(edges) - 1, "flash"))
+    return segments
+
+
+def _segment_calls(edges, cu):
+    """(rows start, rows end, candidate, its cu_seqlens (device, from 0), its max_seqlen) per call."""
+    for a, b, name in doc_segments(edges):
+        lengths = [edges[i + 1] - edges[i] for i in range(a, b)]
+        yield edges[a], edges[b], name, cu[a : b + 1] - cu[a], max(lengths)
+
+
+def _forward_docs(q, k, v, cu, edges, scale):
+    """cudnn_docs: each call's o and lse written into the packed outputs; the state keeps each
+    call's library state, without cuDNN's o (the backward reads it back from the packed o)."""
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
+    state = []
+    for s, e, name, cu_s, max_s in _segment_calls(edges, cu):
+        o[s:e], lse[s:e], st = forward(name, q[s:e], k[s:e], v[s:e], cu_s, max_s, scale)
+        state.extend(st[1:] if name == "cudnn_batched" else st)
+    return o, lse, tuple(state)
+
+
+def _backward_docs(do, q, k, v, o, state, cu, edges, scale):
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    state = list(state)
+    for s, e, name, cu_s, max_s in _segment_calls(edges, cu):
+        if name == "cudnn_batched":
+            o4 = o[s:e].view(1, e - s, o.shape[1], o.shape[2]).transpose(1, 2)
+            st, state = (o4, *state[:3]), state[3:]
+        else:
+            st, state = tuple(state[:3]), state[3:]
+        for g, part in zip(grads, backward(name, do[s:e], q[s:e], k[s:e], v[s:e], o[s:e], st, cu_s, max_s, scale)):
+            g[s:e] = part
+    return tuple(grads)
+
+
+def forward(name, q, k, v, cu, max_seqlen, scale, edges=None):
+    """(o [T, Hq, d], lse [T, Hq] fp32, state for `backward`); `edges` only for cudnn_docs."""
     total, hq, d = q.shape
+    if name == "cudnn_docs":
+        return _forward_docs(q, k, v, cu, edges, scale)
     if name == "cudnn_batched":
         b = cu.numel() - 1
         q4, k4, v4 = (t.view(b, max_seqlen, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
@@ -55,9 +122,11 @@ def forward(name, q, k, v, cu, max_seqlen, scale):
     return o, _lse_rows(lse_raw, total, hq), (lse_raw, rng, unused)
 
 
-def backward(name, do, q, k, v, o, state, cu, max_seqlen, scale):
+def backward(name, do, q, k, v, o, state, cu, max_seqlen, scale, edges=None):
     """(dq, dk, dv) of the candidate's forward (no gradient into the lse)."""
     total, hq, d = q.shape
+    if name == "cudnn_docs":
+        return _backward_docs(do, q, k, v, o, state, cu, edges, scale)
     if name == "cudnn_batched":
         o4, lse_raw, seed, offset = state
         b = cu.numel() - 1
@@ -110,17 +179,19 @@ def _rel(a, b):
 def _probe(name, kind, q, k, reference):
     """Errors of candidate `name` against `reference` (our Triton kernels) on a small batch."""
     dev = q.device
-    lengths = [256, 256, 256] if kind == "uniform" else [37, 130, 301, 1]
+    # docs: short runs before, between and after two long documents, neither a multiple of 64
+    lengths = {"uniform": [256, 256, 256], "docs": [37, LONG_DOC + 77, 130, 1, LONG_DOC + 5, 3]}.get(kind, [37, 130, 301, 1])
     gen = torch.Generator(device=dev).manual_seed(0)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     total = sum(lengths)
     rnd = lambda *s: torch.randn(*s, device=dev, dtype=q.dtype, generator=gen)
     qs, ks, vs, dos = rnd(total, hq, d), rnd(total, hkv, d), rnd(total, hkv, d), rnd(total, hq, d)
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    edges = tuple([0] + torch.tensor(lengths).cumsum(0).tolist())
+    cu = torch.tensor(edges, dtype=torch.int32, device=dev)
     scale = 1.0 / math.sqrt(d)
     o_t, lse_t, grads_t = reference(qs, ks, vs, dos, cu, scale)
-    o, lse, state = forward(name, qs, ks, vs, cu, max(lengths), scale)
-    grads = backward(name, dos, qs, ks, vs, o, state, cu, max(lengths), scale)
+    o, lse, state = forward(name, qs, ks, vs, cu, max(lengths), scale, edges)
+    grads = backward(name, dos, qs, ks, vs, o, state, cu, max(lengths), scale, edges)
     errs = {"o": _rel(o, o_t), "lse_abs": (lse - lse_t).abs().max().item()}
     errs.update({g: _rel(a, b) for g, a, b in zip(("dq", "dk", "dv"), grads, grads_t)})
     return errs
