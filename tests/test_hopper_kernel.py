@@ -120,7 +120,7 @@ def _build_dense_kl(r, d, di, has_qpos):
     kinds = dict(q_desc=_row_desc(64, d), k_desc=_row_desc(128, d), qi_desc=_row_desc(64, di), ki_desc=_row_desc(128, di),
                  W="*bf16", QPOS="*i32", row_order="*i32", row_key_start="*i32", row_doc_end="*i32", row_blk="*i32",
                  row_q_lo="*i32", row_q_doc_end="*i32", qk_scale="fp32", iqk_scale="fp32")
-    consts = dict(D=d, DI=di, R=r, HAS_QPOS=has_qpos)
+    consts = dict(D=d, DI=di, R=r, HAS_QPOS=has_qpos, Q_BUFFERS=dense_kl_hopper.q_buffers(d, di, r))
     return _compile_sm90(dense_kl_hopper._kl_dense_hopper_kernel, kinds, consts, dense_kl_hopper.NUM_WARPS)
 
 

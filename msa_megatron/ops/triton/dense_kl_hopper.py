@@ -44,7 +44,6 @@ BLOCK_QUERIES = 64  # query rows per step
 BLOCK_N = gl.constexpr(BLOCK_KEYS)
 BLOCK_M = gl.constexpr(BLOCK_QUERIES)
 NUM_WARPS = 8  # two consumer warpgroups, 64 keys each
-Q_BUFFERS = gl.constexpr(4)  # heads' Q tiles in flight
 STEP_BUFFERS = gl.constexpr(2)  # a step's qi tile, lse and positions
 PRODUCER_REGS = gl.constexpr(40)
 
@@ -52,6 +51,17 @@ PRODUCER_REGS = gl.constexpr(40)
 ROW_POS = gl.constexpr(0)  # key position of the query row, -1 past the document's (or chunk's) end
 ROW_ZERO = gl.constexpr(1)  # zeros (see the consumer)
 ROW_FACTS = gl.constexpr(2)
+
+SMEM_BYTES = 227 * 1024  # sm_90's shared memory for one block
+MAX_Q_BUFFERS = 8
+
+
+def q_buffers(d, di, r):
+    """Heads' Q tiles in flight: as many as shared memory holds beside the rest (6 at d 128, r 16;
+    round 11 on an H100: 4 -> 6 took 4% off the whole dense KL at 32K)."""
+    steps = STEP_BUFFERS.value * (BLOCK_QUERIES * di * 2 + (r + 1 + ROW_FACTS.value) * BLOCK_QUERIES * 4)  # qi, lse, ilse, facts
+    rest = BLOCK_KEYS * (d + di) * 2 + steps + BLOCK_KEYS * BLOCK_QUERIES * 2 + 2048  # K, ki, ds, barriers and padding
+    return max(2, min(MAX_Q_BUFFERS, (SMEM_BYTES - rest) // (BLOCK_QUERIES * d * 2)))
 
 
 def serves(q, k, qi, ki) -> bool:
@@ -66,7 +76,7 @@ def serves(q, k, qi, ki) -> bool:
 @gluon.jit
 def _producer(q_desc, qi_desc, LSE, ILSE, QPOS, q_smem, qi_smem, lse_smem, ilse_smem, facts_smem,
               q_ready, q_empty, s_ready, s_empty, g, qa, qb, n_steps, stride_lh, stride_ig,
-              D: gl.constexpr, DI: gl.constexpr, R: gl.constexpr, HAS_QPOS: gl.constexpr):
+              D: gl.constexpr, DI: gl.constexpr, R: gl.constexpr, HAS_QPOS: gl.constexpr, Q_BUFFERS: gl.constexpr):
     """One warp: each step's qi tile (TMA), its lse rows (times log2 e), index lse and positions,
     then the step's r Q tiles (TMA), Q_BUFFERS tiles ahead of the consumers."""
     vec: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
@@ -107,7 +117,7 @@ def _producer(q_desc, qi_desc, LSE, ILSE, QPOS, q_smem, qi_smem, lse_smem, ilse_
 def _consumer(k_smem, ki_smem, q_smem, qi_smem, lse_smem, ilse_smem, facts_smem, ds_smem, q_ready, q_empty,
               s_ready, s_empty, kv_bar, W, DKI_part, KL_part, g, r, kb, qa, qb, q0, n_steps, key_start, doc_end,
               n_rows, stride_wg, stride_wb, stride_wt, stride_dg, stride_dt, qk_scale, iqk_scale,
-              DI: gl.constexpr, R: gl.constexpr):
+              DI: gl.constexpr, R: gl.constexpr, Q_BUFFERS: gl.constexpr):
     """Two warpgroups: a step's r teacher products and exp2, the student, KL terms and ds, then
     dki (registers) and the step's dqi shares (to W)."""
     dtype: gl.constexpr = q_smem.dtype
@@ -204,7 +214,7 @@ def _kl_dense_hopper_kernel(
     row_order, row_key_start, row_doc_end, row_blk, row_q_lo, row_q_doc_end,
     q0, q1, n_rows, stride_lh, stride_ig, stride_wg, stride_wb, stride_wt, stride_dg, stride_dt,
     qk_scale, iqk_scale,
-    D: gl.constexpr, DI: gl.constexpr, R: gl.constexpr, HAS_QPOS: gl.constexpr,
+    D: gl.constexpr, DI: gl.constexpr, R: gl.constexpr, HAS_QPOS: gl.constexpr, Q_BUFFERS: gl.constexpr,
 ):
     r = gl.load(row_order + gl.program_id(0))
     g = gl.program_id(1)
@@ -241,10 +251,10 @@ def _kl_dense_hopper_kernel(
             (_consumer, (k_smem, ki_smem, q_smem, qi_smem, lse_smem, ilse_smem, facts_smem, ds_smem, q_ready, q_empty,
                          s_ready, s_empty, kv_bar, W, DKI_part, KL_part, g, r, kb, qa, qb, q0, n_steps, key_start,
                          doc_end, n_rows, stride_wg, stride_wb, stride_wt, stride_dg, stride_dt, qk_scale, iqk_scale,
-                         DI, R)),
+                         DI, R, Q_BUFFERS)),
             (_producer, (q_desc, qi_desc, LSE, ILSE, QPOS, q_smem, qi_smem, lse_smem, ilse_smem, facts_smem,
                          q_ready, q_empty, s_ready, s_empty, g, qa, qb, n_steps, stride_lh, stride_ig,
-                         D, DI, R, HAS_QPOS)),
+                         D, DI, R, HAS_QPOS, Q_BUFFERS)),
         ], [1], [PRODUCER_REGS])
         drop_ring(q_ready, q_empty, Q_BUFFERS)
         drop_ring(s_ready, s_empty, STEP_BUFFERS)
@@ -274,5 +284,6 @@ class HopperDenseKL:
             q0, q1, rows.n, self.lse.stride(0), self.ilse.stride(0),
             w.stride(0), w.stride(1), w.stride(2), dki_part.stride(0), dki_part.stride(1),
             qk_scale, iqk_scale,
-            D=self.d, DI=self.di, R=self.r, HAS_QPOS=self.qpos is not None, num_warps=NUM_WARPS,
+            D=self.d, DI=self.di, R=self.r, HAS_QPOS=self.qpos is not None,
+            Q_BUFFERS=q_buffers(self.d, self.di, self.r), num_warps=NUM_WARPS,
         )

@@ -45,7 +45,7 @@ CONFIG = {
     "kt_rows": 16, "kt_warps": 4, "kt_stages": 3, "kt_split": 1, "kt_query_rows": True, "kt_tiles": "bwd",
     "dense_block": 64, "dense_rows": 64, "dense_warps": 4, "dense_stages": 3, "dense_query_rows": True,
     "dense_tma": True, "dense_lse_heads_major": True, "dense_lse_ahead": True,
-    "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024, "dense_hopper": False,
+    "dense_ws_mib": 2048, "dense_ws_fp32": False, "dense_dqi_programs": 1024, "dense_hopper": True,
 }
 
 
