@@ -3,6 +3,7 @@ published Kernels section re-rendered from the committed results (the timing its
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -53,6 +54,9 @@ def test_published_kernels_section_is_the_committed_results_rendered(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() in before
     assert doc.read_text() == before
+    with open(os.path.join(ROOT, "docs", "bench_kernels.json")) as f:
+        notes = json.load(f).get("notes", [])
+    assert all(note in before for note in notes)  # corrections made after a run are shown
 
 
 def test_ablation_patches_still_apply_to_the_kernel_source():

@@ -189,7 +189,7 @@ def run_warmup(n, kind, x, shape, f, rec, tri, cudnn_baseline=True):
         o_.backward(do)
 
     def timed_warmup():
-        backend = dense_attn.dense_backend(q, k, cu, shape.max_seqlen)
+        backend = dense_attn.dense_backend(q, k, cu, shape.max_seqlen, edges=shape.doc_edges)
         report(f"  {n:>6} {kind:<6} dense attention runs on {backend}; library probes: {dense_lib.PROBES}")
         _, dlse = dense_attn.DenseAttention.apply(q, k, v, cu, scale, shape.max_seqlen, None)
         rec("KL dense warm-up", bench(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, shape.index_scale, 4), **slow),

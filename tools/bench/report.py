@@ -50,6 +50,8 @@ def markdown(results):
         kernels = ran[0] if len(ran) == 1 else ", ".join(ran[:-1]) + " and " + ran[-1]
         lines += [f"On an sm_90 GPU {kernels}; the Triton kernels are their twins and the fallback. Design and "
                   "measurements: `docs/kernel_notes.md`.", ""]
+    for note in results.get("notes", []):  # corrections written into the results after the run
+        lines += [f"Note added after the run: {note}", ""]
     checks = results.get("checks", {})
     if checks:
         lines += ["Correctness before timing (relative error vs the float64 reference; selection = fraction of "

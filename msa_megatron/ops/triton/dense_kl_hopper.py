@@ -15,11 +15,11 @@ exp2, which then runs while the tensor cores work (heads unrolled in groups of u
 product in flight across a loop edge makes ptxas serialise the products, C7514). The dqi shares
 of a step sum the 128 keys in one product: half the shares of the Triton kernel for pass 3 to add.
 
-Off by default (`kl.CONFIG["dense_hopper"]`): the GPU tests pass on it (float64 and its Triton twin,
-r 1-64, d and di 64 / 128, packed documents, query subsets), but in round 10 on an H100 it was no
-faster (this pass 30.3 ms against 28.7 at 32K, 455 against 451 at 128K; the whole dense KL even at
-32K and 3% faster at 128K through the halved share sum). A step takes about three times its exp2 or
-tensor-core time; docs/kernel_notes.md (round 10) has what was measured and what to try next.
+On by default since round 11 (`kl.CONFIG["dense_hopper"]`; the GPU tests pass on it: float64 and its
+Triton twin, r 1-64, d and di 64 / 128, packed documents, query subsets). With as many Q buffers as
+shared memory holds (`q_buffers`, 6 at d 128, r 16) the whole dense KL is 1.5-5% faster than with the
+Triton pass on an H100 (32K / 128K), mostly through the halved share sum; a step still takes about
+three times its exp2 or tensor-core time (docs/kernel_notes.md, rounds 10 and 11).
 """
 
 from __future__ import annotations

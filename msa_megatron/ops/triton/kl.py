@@ -39,7 +39,7 @@ ILSE_BLOCK = 128  # query rows per program of the dense student-lse pass (index 
 # dqi-share workspace is bounded by dense_ws_mib (bf16 shares unless dense_ws_fp32), and the share
 # sum runs in block segments so that each launch has about dense_dqi_programs programs (0: one
 # segment; fp32 partials added in a fixed order). dense_hopper: on an sm_90 GPU, pass 2 runs the
-# Gluon kernel of dense_kl_hopper.py (128-key blocks) where it serves the call.
+# Gluon kernel of dense_kl_hopper.py (128-key blocks) where it serves the call (on since round 11).
 CONFIG = {
     "kl_rows": 64, "kl_warps": 4, "kl_stages": 3, "kl_split": 2, "kl_query_rows": True,
     "kt_rows": 16, "kt_warps": 4, "kt_stages": 3, "kt_split": 1, "kt_query_rows": True, "kt_tiles": "bwd",
