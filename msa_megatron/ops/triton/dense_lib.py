@@ -64,10 +64,12 @@ def doc_segments(edges, long_doc=None):
 
 
 def _segment_calls(edges, cu):
-    """(rows start, rows end, candidate, its cu_seqlens (device, from 0), its max_seqlen) per call."""
+    """(rows start, rows end, candidate, its cu_seqlens (device, from 0), its max_seqlen) per call;
+    a run of empty documents has no rows and no call."""
     for a, b, name in doc_segments(edges):
         lengths = [edges[i + 1] - edges[i] for i in range(a, b)]
-        yield edges[a], edges[b], name, cu[a : b + 1] - cu[a], max(lengths)
+        if edges[b] > edges[a]:
+            yield edges[a], edges[b], name, cu[a : b + 1] - cu[a], max(lengths)
 
 
 def _forward_docs(q, k, v, cu, edges, scale):
