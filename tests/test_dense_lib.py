@@ -2,6 +2,8 @@
 documents go to which call, when the dispatch may use them, and that the calls' pieces and their
 saved states add up to the whole batch (the library kernels replaced by the float64 reference)."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -11,10 +13,7 @@ from msa_megatron.ops.triton import dense_lib
 
 
 def _edges(lengths):
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return tuple(out)
+    return tuple(itertools.accumulate(lengths, initial=0))
 
 
 @pytest.mark.parametrize(

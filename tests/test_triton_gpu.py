@@ -6,6 +6,7 @@ fails the finiteness checks. bf16 inputs; the reference sees the same bf16 value
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def make(lengths, hq, hkv, d=128, di=128, seed=0, dev=None):
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dev, torch.bfloat16)
 
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    cu = torch.tensor(edges_of(lengths), dtype=torch.int32, device=dev)
     return rnd(total, hq, d), rnd(total, hkv, d), rnd(total, hkv, d), rnd(total, hkv, di), rnd(total, 1, di), cu
 
 
@@ -54,7 +55,7 @@ def shape_for(d, di, lengths, bk=128, k=16, doc_edges=None):
 
 
 def edges_of(lengths):
-    return tuple(int(e) for e in [0] + torch.tensor(lengths).cumsum(0).tolist())
+    return tuple(itertools.accumulate(lengths, initial=0))
 
 
 def check_selection(sel, sel_ref, scores, cu, bk, k, tol=1e-4):

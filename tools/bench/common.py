@@ -123,15 +123,14 @@ def make_inputs(lengths, seed=0):
 
 
 def shape_of(lengths):
+    import itertools
     import math
 
     from msa_megatron.ops import MSAShape
 
-    edges = [0]
-    for n in lengths:
-        edges.append(edges[-1] + n)
     # the host's document edges, as the training data pipeline passes them (dense_lib: cudnn_docs)
-    return MSAShape(BK, TOPK, 1 / math.sqrt(D), 1 / math.sqrt(DI), max(lengths), doc_edges=tuple(edges))
+    edges = tuple(itertools.accumulate(lengths, initial=0))
+    return MSAShape(BK, TOPK, 1 / math.sqrt(D), 1 / math.sqrt(DI), max(lengths), doc_edges=edges)
 
 
 def peak_gib(fn):

@@ -19,6 +19,7 @@ candidate gave is kept in `PROBES` (the benchmark and the GPU tests print it).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -31,6 +32,7 @@ CANDIDATES = {
     "varlen": ("cudnn", "cudnn_kv", "flash"),
 }
 LONG_DOC = 1024  # tokens: a shorter document costs less than a call of its own (cudnn_docs)
+_CALL_STATE = 3  # tensors cudnn_docs keeps per call: flash's state, or cuDNN's without its o
 PROBES = {}  # (device, dtype, Hq, Hkv, d, kind) -> {candidate: errors or the exception}
 _CHOSEN = {}  # same key -> candidate name, or "triton"
 
@@ -80,19 +82,16 @@ def _forward_docs(q, k, v, cu, edges, scale):
     state = []
     for s, e, name, cu_s, max_s in _segment_calls(edges, cu):
         o[s:e], lse[s:e], st = forward(name, q[s:e], k[s:e], v[s:e], cu_s, max_s, scale)
-        state.extend(st[1:] if name == "cudnn_batched" else st)
+        state.extend(st[1:] if name == "cudnn_batched" else st)  # cuDNN's o: read back from the packed o
     return o, lse, tuple(state)
 
 
 def _backward_docs(do, q, k, v, o, state, cu, edges, scale):
     grads = [torch.empty_like(t) for t in (q, k, v)]
-    state = list(state)
-    for s, e, name, cu_s, max_s in _segment_calls(edges, cu):
+    for call, (s, e, name, cu_s, max_s) in enumerate(_segment_calls(edges, cu)):
+        st = state[call * _CALL_STATE : (call + 1) * _CALL_STATE]
         if name == "cudnn_batched":
-            o4 = o[s:e].view(1, e - s, o.shape[1], o.shape[2]).transpose(1, 2)
-            st, state = (o4, *state[:3]), state[3:]
-        else:
-            st, state = tuple(state[:3]), state[3:]
+            st = (o[s:e].view(1, e - s, o.shape[1], o.shape[2]).transpose(1, 2), *st)
         for g, part in zip(grads, backward(name, do[s:e], q[s:e], k[s:e], v[s:e], o[s:e], st, cu_s, max_s, scale)):
             g[s:e] = part
     return tuple(grads)
@@ -188,7 +187,7 @@ def _probe(name, kind, q, k, reference):
     total = sum(lengths)
     rnd = lambda *s: torch.randn(*s, device=dev, dtype=q.dtype, generator=gen)
     qs, ks, vs, dos = rnd(total, hq, d), rnd(total, hkv, d), rnd(total, hkv, d), rnd(total, hq, d)
-    edges = tuple([0] + torch.tensor(lengths).cumsum(0).tolist())
+    edges = tuple(itertools.accumulate(lengths, initial=0))
     cu = torch.tensor(edges, dtype=torch.int32, device=dev)
     scale = 1.0 / math.sqrt(d)
     o_t, lse_t, grads_t = reference(qs, ks, vs, dos, cu, scale)
