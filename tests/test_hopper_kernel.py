@@ -287,7 +287,7 @@ def test_dense_kl_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
     launcher = dense_kl_hopper.HopperDenseKL(q, k, qi, ki, lse_heads, ilse, qpos if with_qpos else None)
     launcher.launch(rows, ints(5), w, dki_part, kl_part, 64, 128, 0.5, 0.25)
     (grid, args, kwargs), = calls
-    assert grid == (5, 2) and kwargs.pop("num_warps") == dense_kl_hopper.NUM_WARPS
+    assert grid == (5 * 2,) and kwargs.pop("num_warps") == dense_kl_hopper.NUM_WARPS  # (row, group), group fastest
     bound = inspect.signature(kernel_fn).bind(*args, **kwargs).arguments
     assert bound["HAS_QPOS"] is with_qpos and (bound["QPOS"] is qpos) == with_qpos
     assert bound["LSE"] is lse_heads and bound["ILSE"] is ilse and bound["W"] is w and bound["R"] == 16
@@ -295,3 +295,4 @@ def test_dense_kl_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
     assert (bound["stride_wg"], bound["stride_wb"], bound["stride_wt"]) == (3 * 64 * 128, 64 * 128, 128)
     assert (bound["stride_dg"], bound["stride_dt"]) == dki_part.stride()[:2]
     assert (bound["q0"], bound["q1"], bound["n_rows"], bound["qk_scale"], bound["iqk_scale"]) == (64, 128, 5, 0.5, 0.25)
+    assert bound["n_groups"] == 2

@@ -6,6 +6,7 @@ fails the finiteness checks. bf16 inputs; the reference sees the same bf16 value
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -223,7 +224,8 @@ def test_hopper_forward_matches_its_triton_twin(hq, hkv, d, monkeypatch):
 def test_hopper_dense_kl_matches_its_triton_twin(hq, hkv, d, di, subset, monkeypatch):
     """The Gluon dense KL pass (sm_90, knob dense_hopper; 128-key blocks) and the Triton kernel
     (64-key blocks) on the same inputs: value, dqi and dki against float64 and against each other,
-    on all query rows and on a zigzag subset of them (context parallel); the Gluon one must have run."""
+    on a zigzag subset of the query rows (context parallel) and on all of them, there with the
+    host's edges and a share budget that makes many query chunks; the Gluon one must have run."""
     from msa_megatron.ops import triton as tri
     from msa_megatron.ops.triton import dense_kl_hopper, kl
     from tests.test_reference import _zigzag_rows
@@ -233,6 +235,9 @@ def test_hopper_dense_kl_matches_its_triton_twin(hq, hkv, d, di, subset, monkeyp
     lengths = [1, 127, 129, 2049, 3000, 700]
     q, k, v, qi, ki, cu = make(lengths, hq, hkv, d=d, di=di, seed=31, dev=dev)
     shape = shape_for(d, di, lengths)
+    if not subset:
+        shape = dataclasses.replace(shape, doc_edges=tuple(cu.tolist()))
+        monkeypatch.setitem(kl.CONFIG, "dense_ws_mib", 1)
     _, lse = tri.dense_attention(q, k, v, cu, shape)
     rows = _zigzag_rows(q.shape[0], 3, 1).to(dev) if subset else torch.arange(q.shape[0], device=dev)
     qpos = rows if subset else None

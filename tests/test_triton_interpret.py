@@ -8,6 +8,7 @@ defined. The parent fails unless every child test passed (none skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -341,16 +342,17 @@ else:
             o_r, lse_r = ref.sparse_attention(q.double()[rows], k.double(), v.double(), sel, cu, BK, qpos=rows)
             assert rel(o, o_r) < 1e-2 and rel(lse, lse_r) < 1e-5
 
-    @pytest.mark.parametrize("query_rows,block,rows,programs,tma,lse_t,lse_ahead", [
-        (True, 16, 16, 0, False, False, True), (False, 32, 16, 0, False, True, False),
-        (True, 16, 16, 6, True, True, True), (False, 32, 16, 0, True, False, True),
+    @pytest.mark.parametrize("query_rows,block,rows,programs,tma,lse_t,lse_ahead,edges", [
+        (True, 16, 16, 0, False, False, True, True), (False, 32, 16, 0, False, True, False, False),
+        (True, 16, 16, 6, True, True, True, False), (False, 32, 16, 0, True, False, True, True),
     ])
-    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, programs, tma, lse_t, lse_ahead,
+    def test_dense_kl_tilings_match_the_reference(query_rows, block, rows, programs, tma, lse_t, lse_ahead, edges,
                                                   monkeypatch):
         """The dense KL's launch variants (tile orientation, keys per program, a tiny share budget
         that forces several query chunks, the dqi share sum in block segments, Q through a TMA
-        descriptor, the lse read heads-major, each head's lse loaded one head ahead) all compute
-        the reference's value and gradients."""
+        descriptor, the lse read heads-major, each head's lse loaded one head ahead, the share
+        buffer sized by the longest document from the host's edges) all compute the reference's
+        value and gradients."""
         from msa_megatron.ops.triton import kl as klmod
 
         monkeypatch.setitem(klmod.CONFIG, "dense_lse_ahead", lse_ahead)
@@ -365,6 +367,9 @@ else:
             assert klmod._q_descriptor(torch.zeros(8, 4, 16, dtype=torch.bfloat16), rows) is not None
         q, k, v, qi, ki, cu = make(LENGTHS, 4, 2, seed=14)
         sh = shape(16, 16, 3, LENGTHS)
+        if edges:
+            sh = dataclasses.replace(sh, doc_edges=tuple(cu.tolist()))
+            assert klmod._share_blocks(sh.doc_edges, cu, q.shape[0], block) < -(-q.shape[0] // block)
         _, lse = tri.dense_attention(q, k, v, cu, sh)
         check_kl_against_reference(q, k, lse, qi, ki, None, None, cu, sh, BK)
 

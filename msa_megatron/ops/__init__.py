@@ -39,7 +39,8 @@ class MSAShape:
     index_scale: float
     max_seqlen: int
     # The host's copy of cu_seqlens when the caller has one (the data pipeline builds it on the host):
-    # dense attention then calls cuDNN per long document without a device sync. None: not known.
+    # dense attention then calls cuDNN per long document without a device sync, and the dense KL
+    # sizes its share buffer by the longest document. None: not known.
     doc_edges: Optional[tuple] = None
 
 

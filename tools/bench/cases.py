@@ -192,7 +192,7 @@ def run_warmup(n, kind, x, shape, f, rec, tri, cudnn_baseline=True):
         backend = dense_attn.dense_backend(q, k, cu, shape.max_seqlen, edges=shape.doc_edges)
         report(f"  {n:>6} {kind:<6} dense attention runs on {backend}; library probes: {dense_lib.PROBES}")
         _, dlse = tri.dense_attention(q, k, v, cu, shape)  # the lse the layer's KL gets
-        rec("KL dense warm-up", bench(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, shape.index_scale, 4), **slow),
+        rec("KL dense warm-up", bench(lambda: klmod.dense_kl(q, k, dlse, qi, ki, cu, scale, shape.index_scale, 4, doc_edges=shape.doc_edges), **slow),
             f["dense_kl"])
         del dlse
         rec(f"dense attention fwd+bwd (ours: {backend})", bench(dense_layer, **slow), f["dense_fwd"] + f["dense_bwd"],

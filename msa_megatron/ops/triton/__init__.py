@@ -111,7 +111,7 @@ def indexer_kl(q, k, lse, qi, ki, index_lse, topk, cu_seqlens, shape, total_grou
     qi_c, ki_c = qi.detach().contiguous(), ki.detach().contiguous()
 
     if topk is None:
-        compute = lambda: dense_kl(q, k, lse, qi_c, ki_c, cu, scale, iscale, total_groups, positions(qpos, q.device))
+        compute = lambda: dense_kl(q, k, lse, qi_c, ki_c, cu, scale, iscale, total_groups, positions(qpos, q.device), shape.doc_edges)
     else:
         check_block_size(shape.block_size)
         topk = _selection(topk)

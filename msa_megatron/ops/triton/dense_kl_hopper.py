@@ -212,12 +212,14 @@ def _consumer(k_smem, ki_smem, q_smem, qi_smem, lse_smem, ilse_smem, facts_smem,
 def _kl_dense_hopper_kernel(
     q_desc, k_desc, qi_desc, ki_desc, LSE, ILSE, QPOS, W, DKI_part, KL_part,
     row_order, row_key_start, row_doc_end, row_blk, row_q_lo, row_q_doc_end,
-    q0, q1, n_rows, stride_lh, stride_ig, stride_wg, stride_wb, stride_wt, stride_dg, stride_dt,
+    q0, q1, n_rows, n_groups, stride_lh, stride_ig, stride_wg, stride_wb, stride_wt, stride_dg, stride_dt,
     qk_scale, iqk_scale,
     D: gl.constexpr, DI: gl.constexpr, R: gl.constexpr, HAS_QPOS: gl.constexpr, Q_BUFFERS: gl.constexpr,
 ):
-    r = gl.load(row_order + gl.program_id(0))
-    g = gl.program_id(1)
+    # Groups vary fastest, so every group's longest rows run in the first wave (a 1-D grid: no
+    # 65535 limit on the rows).
+    g = gl.program_id(0) % n_groups
+    r = gl.load(row_order + gl.program_id(0) // n_groups)
     qa = gl.maximum(gl.load(row_q_lo + r), q0)
     qb = gl.minimum(gl.load(row_q_doc_end + r), q1)
     if qa < qb:
@@ -277,11 +279,11 @@ class HopperDenseKL:
 
     def launch(self, rows, order, w, dki_part, kl_part, q0, q1, qk_scale, iqk_scale):
         """Pass 2 over query rows [q0, q1)."""
-        _kl_dense_hopper_kernel[(rows.n, self.ilse.shape[0])](
+        _kl_dense_hopper_kernel[(self.ilse.shape[0] * rows.n,)](
             self.q_desc, self.k_desc, self.qi_desc, self.ki_desc, self.lse, self.ilse,
             self.ilse if self.qpos is None else self.qpos, w, dki_part, kl_part,
             order, rows.key_start, rows.doc_end, rows.blk, rows.q_lo, rows.q_doc_end,
-            q0, q1, rows.n, self.lse.stride(0), self.ilse.stride(0),
+            q0, q1, rows.n, self.ilse.shape[0], self.lse.stride(0), self.ilse.stride(0),
             w.stride(0), w.stride(1), w.stride(2), dki_part.stride(0), dki_part.stride(1),
             qk_scale, iqk_scale,
             D=self.d, DI=self.di, R=self.r, HAS_QPOS=self.qpos is not None,

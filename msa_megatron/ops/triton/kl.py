@@ -339,7 +339,7 @@ def _kl_step(
 def _kl_dense_kernel(
     Q, Q_desc, K, QI, KI, LSE, ILSE, QPOS, W, DKI_part, KL_part,
     row_order, row_key_start, row_doc_end, row_blk, row_q_lo, row_q_doc_end,
-    q0, q1, n_rows,
+    q0, q1, n_rows, n_groups,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qit, stride_qig, stride_kit,
     stride_lt, stride_lh, stride_ig, stride_wg, stride_wt, stride_wb, stride_dg, stride_dt,
     qk_scale, iqk_scale,
@@ -353,8 +353,8 @@ def _kl_dense_kernel(
     KL terms and ds = P_idx - P_T. dki of the block accumulates in registers; each query's dqi
     share of this block goes to W[g, query - q0, block] for the fixed-order sum of pass 3.
     """
-    r = tl.load(row_order + tl.program_id(0))
-    g = tl.program_id(1)
+    g = tl.program_id(0) % n_groups  # groups vary fastest (as in the Gluon pass)
+    r = tl.load(row_order + tl.program_id(0) // n_groups)
     key_start = tl.load(row_key_start + r)
     doc_end = tl.load(row_doc_end + r)
     qa = tl.maximum(tl.load(row_q_lo + r), q0)
@@ -460,20 +460,44 @@ def _q_descriptor(q, block_m):
     return TensorDescriptor(q, [total, hq * d], [q.stride(0), 1], [block_m, d])
 
 
-def _dense_query_chunk(n_q, groups, n_blocks, di, itemsize):
-    """Query rows per pass of the dense KL: the dqi workspace [G, rows, blocks, di] within its budget."""
-    budget = int(CONFIG["dense_ws_mib"]) << 20
-    rows = budget // max(1, groups * n_blocks * di * itemsize)
-    rows = max(CONFIG["dense_rows"], rows // CONFIG["dense_rows"] * CONFIG["dense_rows"])
-    return max(1, min(rows, n_q))
+def _share_blocks(doc_edges, cu, n_keys, block):
+    """Key blocks a query can have shares from: those of the longest document where the host's
+    edges describe these keys (packed batches: fewer, so each chunk of pass 2 takes more queries
+    and its launch has more programs), else of all n_keys."""
+    described = doc_edges is not None and len(doc_edges) == cu.numel() and doc_edges[0] == 0 and doc_edges[-1] == n_keys
+    longest = max((b - a for a, b in zip(doc_edges, doc_edges[1:])), default=0) if described else n_keys
+    return max(1, -(-longest // block))
 
 
-def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_groups, qpos=None):
+def _dense_query_chunks(n_q, groups, n_blocks, di, itemsize, block, by_row):
+    """[(q0, q1, blocks)]: the query rows of each pass 2 and the key blocks their shares can come
+    from, each chunk's share buffer [G, blocks, rows, di] within CONFIG["dense_ws_mib"] (at least
+    dense_rows rows). by_row (query row = position): row q has shares from its document's first
+    q // block + 1 blocks at most, so a long document's early chunks take more rows (fewer
+    launches, each with more programs)."""
+    step = CONFIG["dense_rows"]
+    budget = (int(CONFIG["dense_ws_mib"]) << 20) // max(1, groups * di * itemsize)  # rows x blocks
+    blocks_of = lambda q1: min(n_blocks, (q1 - 1) // block + 1) if by_row else n_blocks  # noqa: E731
+    chunks, q0 = [], 0
+    while q0 < n_q:
+        lo, hi = 1, -(-(n_q - q0) // step)  # steps of `step` rows: the most within the budget
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            q1 = min(q0 + mid * step, n_q)
+            lo, hi = (mid, hi) if (q1 - q0) * blocks_of(q1) <= budget else (lo, mid - 1)
+        q1 = min(q0 + lo * step, n_q)
+        chunks.append((q0, q1, blocks_of(q1)))
+        q0 = q1
+    return chunks
+
+
+def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_groups, qpos=None, doc_edges=None):
     """(KL value, dqi, dki) with the support = every visible token of the document.
 
     Three passes, the teacher computed once per (query, key): (1) student lse per query
     (query-owner, index scores only); (2) key-owner teacher + student + dki + per-block dqi shares;
     (3) dqi = fixed-order sum of the shares. Queries run in chunks that bound the share buffer.
+    doc_edges: the host's copy of cu_seqlens where known (bigger chunks: see _share_blocks).
     """
     total, hq, d = q.shape
     n_keys = k.shape[0]
@@ -507,27 +531,27 @@ def dense_kl(q, k, lse, qi, ki, cu_seqlens, softmax_scale, index_scale, total_gr
     pos = torch.arange(total, device=dev) if qp is None else qp.to(torch.int64)
     cu64 = cu.to(torch.int64)
     qblk = ((pos - cu64[torch.searchsorted(cu64[1:], pos, right=True)]) // block).to(torch.int32)
-    n_blocks = -(-n_keys // block)
     ws_dtype = torch.float32 if CONFIG["dense_ws_fp32"] else qi.dtype
-    chunk = _dense_query_chunk(total, groups, n_blocks, di, torch.finfo(ws_dtype).bits // 8)
+    chunks = _dense_query_chunks(total, groups, _share_blocks(doc_edges, cu, n_keys, block), di,
+                                 torch.finfo(ws_dtype).bits // 8, block, by_row=qp is None)
     # Shares block-major ([G, block, query, di]): a key block's program writes, and pass 3 reads,
-    # consecutive queries' rows contiguously.
-    w = new_buffer((groups, n_blocks, chunk, di), ws_dtype, dev)
+    # consecutive queries' rows contiguously. One buffer, viewed per chunk.
+    ws = new_buffer((max(groups * b * (q1 - q0) * di for q0, q1, b in chunks),), ws_dtype, dev)
     order = rows.most_queries_first()
     q_desc = _q_descriptor(q, CONFIG["dense_rows"]) if CONFIG["dense_tma"] and not hopper else None
     # Heads-major lse ([Hq, T] viewed as [T, Hq]): a head's lse of a query tile is one contiguous load.
     lse_k = lse.t().contiguous().t() if CONFIG["dense_lse_heads_major"] or hopper else lse
     launch = hopper.HopperDenseKL(q, k, qi, ki2, lse_k.t(), ilse, qp) if hopper else None
-    for q0 in range(0, total, chunk):
-        q1 = min(q0 + chunk, total)
+    for q0, q1, n_blocks in chunks:
+        w = ws[: groups * n_blocks * (q1 - q0) * di].view(groups, n_blocks, q1 - q0, di)
         with timed("KL dense kernel"):
             if launch:
                 launch.launch(rows, order, w, dki_part, kl_part, q0, q1, softmax_scale * LOG2E, index_scale * LOG2E)
             else:
-                _kl_dense_kernel[(rows.n, groups)](
+                _kl_dense_kernel[(groups * rows.n,)](
                     q, q if q_desc is None else q_desc, k, qi, ki2, lse_k, ilse, qp_arg, w, dki_part, kl_part,
                     order, rows.key_start, rows.doc_end, rows.blk, rows.q_lo, rows.q_doc_end,
-                    q0, q1, rows.n,
+                    q0, q1, rows.n, groups,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1), ki2.stride(0),
                     lse_k.stride(0), lse_k.stride(1), ilse.stride(0), w.stride(0), w.stride(2), w.stride(1), dki_part.stride(0), dki_part.stride(1),
                     softmax_scale * LOG2E, index_scale * LOG2E,
