@@ -351,7 +351,7 @@ def _kl_dense_kernel(
 
     The teacher of each (key, query) pair is computed once (_kl_step), then the student, the
     KL terms and ds = P_idx - P_T. dki of the block accumulates in registers; each query's dqi
-    share of this block goes to W[g, query - q0, block] for the fixed-order sum of pass 3.
+    share of this block goes to W[g, block, query - q0] for the fixed-order sum of pass 3.
     """
     g = tl.program_id(0) % n_groups  # groups vary fastest (as in the Gluon pass)
     r = tl.load(row_order + tl.program_id(0) // n_groups)
@@ -400,7 +400,7 @@ def _kl_dense_dqi_kernel(
     stride_wg, stride_wt, stride_wb, stride_os, stride_ot, stride_og,
     DI: tl.constexpr, DIP: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Pass 3: OUT[s, i, g] = out_scale * sum of W[g, i - q0, b] over blocks b <= L(i) of segment
+    """Pass 3: OUT[s, i, g] = out_scale * sum of W[g, b, i - q0] over blocks b <= L(i) of segment
     s = [s * seg, (s + 1) * seg) (fixed order). One segment: OUT is dqi itself (rows from q0)."""
     g = tl.program_id(1)
     s = tl.program_id(2)
