@@ -26,6 +26,8 @@ import warnings
 
 import torch
 
+from msa_megatron.ops.triton.rows import edges_describe
+
 CANDIDATES = {
     "uniform": ("cudnn_batched", "cudnn", "cudnn_kv", "flash"),
     "docs": ("cudnn_docs", "cudnn", "cudnn_kv", "flash"),
@@ -42,7 +44,7 @@ def batch_kind(q, cu_seqlens, max_seqlen, edges=None) -> str:
     'docs' when `edges` (the host's copy of cu_seqlens) describes these rows, else 'varlen'."""
     if max_seqlen > 0 and q.shape[0] == (cu_seqlens.numel() - 1) * max_seqlen:
         return "uniform"
-    if edges is not None and len(edges) == cu_seqlens.numel() and edges[0] == 0 and edges[-1] == q.shape[0]:
+    if edges_describe(edges, cu_seqlens, q.shape[0]):
         return "docs"
     return "varlen"
 

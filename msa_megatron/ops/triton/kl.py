@@ -20,7 +20,7 @@ import triton.language as tl
 
 from msa_megatron.ops.triton.common import new_buffer, next_pow2, on_sm90, timed
 from msa_megatron.ops.triton.plan import SparsePlan, load_tile, program_tile
-from msa_megatron.ops.triton.rows import block_rows, key_pos, positions
+from msa_megatron.ops.triton.rows import block_rows, edges_describe, key_pos, positions
 from msa_megatron.ops.triton.sparse_attn import _block_ws_sum_kernel, slot_sum
 
 LOG2E = 1.4426950408889634
@@ -464,8 +464,10 @@ def _share_blocks(doc_edges, cu, n_keys, block):
     """Key blocks a query can have shares from: those of the longest document where the host's
     edges describe these keys (packed batches: fewer, so each chunk of pass 2 takes more queries
     and its launch has more programs), else of all n_keys."""
-    described = doc_edges is not None and len(doc_edges) == cu.numel() and doc_edges[0] == 0 and doc_edges[-1] == n_keys
-    longest = max((b - a for a, b in zip(doc_edges, doc_edges[1:])), default=0) if described else n_keys
+    if edges_describe(doc_edges, cu, n_keys):
+        longest = max((b - a for a, b in zip(doc_edges, doc_edges[1:])), default=0)
+    else:
+        longest = n_keys
     return max(1, -(-longest // block))
 
 

@@ -109,6 +109,12 @@ def block_rows(cu_seqlens: torch.Tensor, n_keys: int, block: int, qpos: Optional
     return BlockRows(*out, n_rows, row_end)
 
 
+def edges_describe(edges: Optional[tuple], cu_seqlens: torch.Tensor, n_rows: int) -> bool:
+    """Whether `edges` (the host's copy of cu_seqlens, e.g. MSAShape.doc_edges) can stand for this
+    batch's cu_seqlens over n_rows rows: as many edges, from 0 to n_rows (checked on the host only)."""
+    return edges is not None and len(edges) == cu_seqlens.numel() and edges[0] == 0 and edges[-1] == n_rows
+
+
 def positions(qpos: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
     """qpos as a contiguous int32 tensor on the device (None stays None)."""
     return None if qpos is None else qpos.to(device=device, dtype=torch.int32).contiguous()
