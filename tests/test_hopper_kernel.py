@@ -162,6 +162,13 @@ def test_sm90_build_has_no_spills_and_fits_shared_memory(build, tmp_path):
     assert "serialized" not in report.stdout + report.stderr, report.stderr
 
 
+def test_dense_kl_takes_its_log2_on_the_mufu_unit():
+    """The KL term's log2 (one per key and query) is lg2.approx: libdevice's exact log2f cost the
+    pass 6-7% on an H100 (round 13)."""
+    ptx = BUILDS["dense kl r16 d128"]().asm["ptx"]
+    assert "lg2.approx.ftz.f32" in ptx and "__nv_log2f" not in ptx
+
+
 @pytest.mark.parametrize("with_qpos", [False, True])
 def test_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
     """HopperBackward.launch against the kernel's signature (a recorder stands in for the launch):

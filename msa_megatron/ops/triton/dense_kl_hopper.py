@@ -18,8 +18,9 @@ of a step sum the 128 keys in one product: half the shares of the Triton kernel 
 On by default since round 11 (`kl.CONFIG["dense_hopper"]`; the GPU tests pass on it: float64 and its
 Triton twin, r 1-64, d and di 64 / 128, packed documents, query subsets). With as many Q buffers as
 shared memory holds (`q_buffers`, 6 at d 128, r 16) the whole dense KL is 1.5-5% faster than with the
-Triton pass on an H100 (32K / 128K), mostly through the halved share sum; a step still takes about
-three times its exp2 or tensor-core time (docs/kernel_notes.md, rounds 10 and 11).
+Triton pass on an H100 (32K / 128K), mostly through the halved share sum. Round 13: the KL term's
+log2 on the MUFU unit instead of libdevice's log2f, a fifth of a step's instructions: 6-7% off the
+whole dense KL. A step still takes about 2.5x its exp2 or tensor-core time (docs/kernel_notes.md).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from msa_megatron.ops.triton.common import LOG2_PTX
 from msa_megatron.ops.triton.hopper_common import drop_ring, init_ring, rows_desc, tma_tensors_ok
 
 LOG2E = 1.4426950408889634
@@ -71,6 +73,16 @@ def serves(q, k, qi, ki) -> bool:
             and q.shape[-1] in (64, 128) and k.shape[-1] == q.shape[-1] and qi.shape[-1] in (64, 128)
             and ki.shape[-1] == qi.shape[-1] and q.shape[1] % k.shape[1] == 0 and q.shape[1] // k.shape[1] <= 64
             and q.shape[0] * q.shape[1] < 2**31)
+
+
+@gluon.jit
+def _log2(x, R: gl.constexpr):
+    """log2 on the MUFU unit (common.LOG2_PTX): the KL term takes one per (key, query) of a step.
+    At r 64 ptxas then parks a producer value in local memory, reloaded every step: gl.log2 there."""
+    if R <= 32:
+        return gl.inline_asm_elementwise(LOG2_PTX, "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
+    else:
+        return gl.log2(x)
 
 
 @gluon.jit
@@ -183,7 +195,7 @@ def _consumer(k_smem, ki_smem, q_smem, qi_smem, lse_smem, ilse_smem, facts_smem,
         s_idx = warpgroup_mma_wait(0, deps=(si_tok,))
         s_idx = s_idx * iqk_scale - ilse_smem.index(st).load(col_layout)[None, :]
         p_idx = gl.where(visible, gl.exp2(s_idx), 0.0)
-        kl_keys += gl.sum(gl.where(p > 0, p * (gl.log2(p) - s_idx), 0.0), 1)
+        kl_keys += gl.sum(gl.where(p > 0, p * (_log2(p, R) - s_idx), 0.0), 1)
         ds_cur.store((p_idx - p).to(dtype))
         fence_async_shared()
         gl.thread_barrier()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_megatron.ops.triton.common import new_buffer, next_pow2, on_sm90, timed
+from msa_megatron.ops.triton.common import log2_approx, new_buffer, next_pow2, on_sm90, timed
 from msa_megatron.ops.triton.plan import SparsePlan, load_tile, program_tile
 from msa_megatron.ops.triton.rows import block_rows, edges_describe, key_pos, positions
 from msa_megatron.ops.triton.sparse_attn import _block_ws_sum_kernel, slot_sum
@@ -324,13 +324,13 @@ def _kl_step(
     if QUERY_ROWS:
         s_idx = tl.dot(qi, tl.trans(ki)) * iqk_scale - ilse[:, None]  # log2 P_idx
         p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
-        kl = tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 1)
+        kl = tl.sum(tl.where(p_t > 0, p_t * (log2_approx(p_t) - s_idx), 0.0), 1)
         ds = (p_idx - p_t).to(qi.dtype)
         return tl.dot(tl.trans(ds), qi), tl.dot(ds, ki), kl
     else:
         s_idx = tl.dot(ki, tl.trans(qi)) * iqk_scale - ilse[None, :]  # log2 P_idx
         p_idx = tl.where(visible, tl.exp2(s_idx), 0.0)
-        kl = tl.sum(tl.where(p_t > 0, p_t * (tl.log2(p_t) - s_idx), 0.0), 0)
+        kl = tl.sum(tl.where(p_t > 0, p_t * (log2_approx(p_t) - s_idx), 0.0), 0)
         ds = (p_idx - p_t).to(qi.dtype)
         return tl.dot(ds, qi), tl.dot(tl.trans(ds), ki), kl
 
