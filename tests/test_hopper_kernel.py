@@ -169,6 +169,22 @@ def test_dense_kl_takes_its_log2_on_the_mufu_unit():
     assert "lg2.approx.ftz.f32" in ptx and "__nv_log2f" not in ptx
 
 
+def test_dense_kl_loads_each_heads_lse_while_its_product_runs():
+    """Between a teacher product's wait and its exp2 there is no shared-memory load: the head's lse
+    rows were loaded before the wait (loaded after it, their latency was the consumers' largest
+    single stall in Nsight Compute's sampling, round 14)."""
+    lines = BUILDS["dense kl r16 d128"]().asm["ptx"].splitlines()
+    loads_before_exp2 = []
+    for i, line in enumerate(lines):
+        if "wgmma.wait_group" in line:
+            tail = lines[i + 1:]
+            end = next((j for j, later in enumerate(tail) if "ex2.approx" in later or "wgmma.wait_group" in later), None)
+            if end is not None and "ex2.approx" in tail[end]:
+                loads_before_exp2.append(sum("ld.shared" in later for later in tail[:end]))
+    # r 16 unrolls four heads per loop turn; the student's index lse is still loaded after its wait
+    assert loads_before_exp2.count(0) >= 4, loads_before_exp2
+
+
 @pytest.mark.parametrize("with_qpos", [False, True])
 def test_launch_passes_every_kernel_argument(with_qpos, monkeypatch):
     """HopperBackward.launch against the kernel's signature (a recorder stands in for the launch):
