@@ -20,8 +20,9 @@ Triton twin, r 1-64, d and di 64 / 128, packed documents, query subsets). With a
 shared memory holds (`q_buffers`, 6 at d 128, r 16) the whole dense KL is 1.5-5% faster than with the
 Triton pass on an H100 (32K / 128K), mostly through the halved share sum. Round 13: the KL term's
 log2 on the MUFU unit instead of libdevice's log2f, a fifth of a step's instructions: 6-7% off the
-whole dense KL. Round 14: each head's lse is loaded before its product's wait (0-0.8% off the whole
-dense KL). A step still takes about 2.5x its exp2 or tensor-core time (docs/kernel_notes.md).
+whole dense KL. Round 14: each head's lse is loaded before its product's wait (0.4% off the whole
+dense KL on average: -0.8% to +0.1% over eight readings). A step still takes about 2.5x its exp2 or
+tensor-core time (docs/kernel_notes.md).
 """
 
 from __future__ import annotations
