@@ -11,9 +11,10 @@ thread, spills, a CTA barrier at every layout change: docs/kernel_notes.md, roun
 query's r heads are one contiguous [r, d] box of Q and dO, so a producer warp brings a step's rows
 into shared memory by TMA ahead of their use (a three-step ring), with their lse and delta and the step's
 per-query facts; K and V stay in shared memory; the five products are asynchronous wgmmas of two
-consumer warpgroups; dQ leaves through shared memory by TMA stores while dK's product still runs.
-H100, 128K: 72.4 -> 47.8 ms for the kernel (round 7), -> ~46.5 ms with the overlapped dQ stores
-(round 8; docs/kernel_notes.md).
+consumer warpgroups; dQ leaves through shared memory while dK's product still runs, by TMA stores
+that a third warp issues (round 15). H100, 128K: 72.4 -> 47.8 ms for the kernel (round 7), -> ~46.5
+ms with the overlapped dQ stores (round 8), then 6% less with the storer warp (round 15;
+docs/kernel_notes.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from msa_megatron.ops.triton.hopper_common import (
+    drop_ring,
     end_ring,
+    init_ring,
     query_value,
     rows_desc,
     start_ring,
@@ -54,23 +57,22 @@ def serves(q, k, v, do, lse, delta, dq_part, block_m: int, block_n: int, teacher
 
 # Per-step facts the producer leaves in shared memory for the consumers (one int32 row of BQ each).
 META_KPOS = gl.constexpr(0)
-META_DQ_ROW = gl.constexpr(1)
-META_TEACHER = gl.constexpr(2)
-META_ZERO = gl.constexpr(3)
-META_ROWS = gl.constexpr(4)
+META_TEACHER = gl.constexpr(1)
+META_ZERO = gl.constexpr(2)
+META_ROWS = gl.constexpr(3)
 
 
 @gluon.jit
 def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ready, empty,
-              entry_tok, entry_slot, e0, cnt, g, q0, chunk, stride_ts, stride_tt, stride_tg,
+              entry_tok, entry_slot, e0, cnt, g, q0, stride_ts, stride_tt, stride_tg,
               H: gl.constexpr, D: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
               HAS_QPOS: gl.constexpr):
     """One warp: everything a step reads besides K and V, STAGES steps ahead of the consumers.
 
     Step s's rows are query (s * BQ + j)'s r heads: one [r, d] box of Q and dO each by TMA; their
     lse (times log2 e) and delta by plain loads (64-byte pieces: too small for TMA's 128-byte
-    aligned destinations); and per query its key position (-1 past the tile's last entry), its
-    dQ row in the per-slot buffer and its teacher offset. Rows past the last entry repeat the last
+    aligned destinations); and per query its key position (-1 past the tile's last entry) and its
+    teacher offset. Rows past the last entry repeat the last
     query (finite values that the mask zeroes), so every step expects the same bytes.
     """
     BQ: gl.constexpr = BLOCK_M // R
@@ -92,7 +94,6 @@ def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delt
             kpos = gl.load(QPOS + tok, mask=ok, other=-1)
         else:
             kpos = gl.where(ok, tok, -1)
-        dq_row = gl.where(ok, (slot * chunk + tok - q0) * H + g * R, -1)
         teacher = slot * stride_ts + (tok - q0) * stride_tt + g * stride_tg
         # the consumers released this buffer (its previous step is done); the first round is free
         mbarrier.wait(empty.index(st), ((step // STAGES) & 1) ^ 1, pred=step >= STAGES)
@@ -105,7 +106,6 @@ def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delt
         lse_smem.index(st).store(lse)
         delta_smem.index(st).store(delta)
         meta_smem.index(st * META_ROWS + META_KPOS).store(kpos)
-        meta_smem.index(st * META_ROWS + META_DQ_ROW).store(dq_row)
         meta_smem.index(st * META_ROWS + META_TEACHER).store(teacher)
         meta_smem.index(st * META_ROWS + META_ZERO).store(gl.zeros([BQ], gl.int32, q_layout))
         gl.thread_barrier()  # the warp's stores before its one arrive (the barrier's second)
@@ -113,12 +113,40 @@ def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delt
 
 
 @gluon.jit
+def _dq_storer(dq_desc, dq_smem, dq_full, dq_empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk,
+               H: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr):
+    """One warp: each step's dQ shares from shared memory to their per-slot rows, one TMA store per
+    query. The consumers only fill the buffer and signal it: when they issued the stores themselves,
+    one warp's four issues and flushes in a row held both warpgroups at the next barrier (13% of
+    their stall samples; the kernel is 6% faster without them, H100, round 15)."""
+    BQ: gl.constexpr = BLOCK_M // R
+    q_layout: gl.constexpr = gl.BlockedLayout([BQ], [32], [1], [0])
+    jq = gl.arange(0, BQ, layout=q_layout)
+    for step in range(gl.cdiv(cnt, BQ)):
+        b = step % 2
+        ej = step * BQ + jq
+        ok = ej < cnt
+        tok = gl.load(entry_tok + e0 + ej, mask=ok, other=q0)
+        slot = gl.load(entry_slot + e0 + ej, mask=ok, other=0)
+        dq_row = gl.where(ok, (slot * chunk + tok - q0) * H + g * R, -1)
+        mbarrier.wait(dq_full.index(b), (step // 2) & 1)
+        for j in gl.static_range(BQ):
+            row_j = query_value(dq_row, jq, j)
+            if row_j >= 0:
+                tma.async_copy_shared_to_global(dq_desc, [row_j, 0], dq_smem.index(b).slice(j * R, R))
+        tma.store_wait(0)  # the buffer has been read: the consumers may refill it
+        gl.thread_barrier()
+        mbarrier.arrive(dq_empty.index(b))
+    tma.store_wait(0)
+
+
+@gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready, empty,
-              kv_bar, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
+              kv_bar, dq_full, dq_empty, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
               g, row, slot, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale, qk_scale,
               D: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, WITH_TEACHER: gl.constexpr):
-    """Two warpgroups: the five products of every step, dQ shares out, dK/dV at the end."""
+    """Two warpgroups: the five products of every step, dQ shares to the storer, dK/dV at the end."""
     BQ: gl.constexpr = BLOCK_M // R
     dtype: gl.constexpr = dq_desc.dtype
     # S^T / dP^T [keys, rows] and dK / dV [keys, d]: each warpgroup owns 64 keys. dQ [rows, d]:
@@ -159,9 +187,10 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
         dp_tok = warpgroup_mma(v_cur, dos.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout),
                                use_acc=False, is_async=True)
         kpos_q = meta_smem.index(st * META_ROWS + META_KPOS).load(q_layout)
+        lse = lse_smem.index(st).load(col_layout)  # loaded while S runs (round 14 saw it stall the FFMA below)
 
         s = warpgroup_mma_wait(1, deps=(s_tok,))
-        s = s * qk_scale - lse_smem.index(st).load(col_layout)[None, :]
+        s = s * qk_scale - lse[None, :]
         # No mask when every entry is valid (position >= 0) and past the block's last key: all
         # steps but the block's own queries and a tile's short last step.
         if gl.min(kpos_q, 0) >= last_key:
@@ -199,21 +228,14 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
                                gl.zeros([BLOCK_M, D], gl.float32, dq_layout), use_acc=False, is_async=True)
         dk = warpgroup_mma(ds_cur, qs, dk, is_async=True)
         dv, dq = warpgroup_mma_wait(1, deps=(dv, dq_tok))
-        dq_row = meta_smem.index(st * META_ROWS + META_DQ_ROW).load(q_layout)
-        # dQ shares: registers -> shared memory -> one TMA store per query (its r rows). Two
-        # buffers: the wait before the barrier retires the previous step's stores (the other
-        # buffer), so the next step may overwrite that one without a barrier of its own.
-        dq_buf = dq_smem.index(step % 2)
-        dq_buf.store((dq * sm_scale).to(dtype))
+        # dQ shares: registers -> one of two shared buffers (the storer warp read it two steps ago)
+        # -> the storer's TMA stores
+        mbarrier.wait(dq_empty.index(step % 2), ((step // 2) & 1) ^ 1, pred=step >= 2)
+        dq_smem.index(step % 2).store((dq * sm_scale).to(dtype))
         fence_async_shared()
-        tma.store_wait(0)
         gl.thread_barrier()
-        for j in gl.static_range(BQ):
-            row_j = query_value(dq_row, jq, j)
-            if row_j >= 0:
-                tma.async_copy_shared_to_global(dq_desc, [row_j, 0], dq_buf.slice(j * R, R))
+        mbarrier.arrive(dq_full.index(step % 2))
         dk = warpgroup_mma_wait(0, deps=(dk,))
-    tma.store_wait(0)
 
     # dK / dV of this tile: straight into the accumulators when the tile is its block's only one in
     # this launch, else into the workspace that _block_ws_sum_kernel adds in a fixed order.
@@ -260,19 +282,25 @@ def _sparse_bwd_hopper_kernel(
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         start_ring(ready, empty, kv_bar, k_desc, v_desc, k_smem, v_smem, key_start, g, D, STAGES)
+        init_ring(dq_full, dq_empty, 2, 1)
 
         gl.warp_specialize([
             (_consumer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready,
-                         empty, kv_bar, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
+                         empty, kv_bar, dq_full, dq_empty, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
                          g, row, t - tile0, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale,
                          qk_scale,
                          D, R, BLOCK_M, BLOCK_N, STAGES, WITH_TEACHER)),
             (_producer, (q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ready,
-                         empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk, stride_ts, stride_tt, stride_tg,
+                         empty, entry_tok, entry_slot, e0, cnt, g, q0, stride_ts, stride_tt, stride_tg,
                          H, D, R, BLOCK_M, STAGES, HAS_QPOS)),
-        ], [1], [PRODUCER_REGS])
+            (_dq_storer, (dq_desc, dq_smem, dq_full, dq_empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk,
+                          H, R, BLOCK_M)),
+        ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
         end_ring(ready, empty, kv_bar, STAGES)
+        drop_ring(dq_full, dq_empty, 2)
 
 
 class HopperBackward:
