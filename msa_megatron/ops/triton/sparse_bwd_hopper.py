@@ -12,9 +12,9 @@ query's r heads are one contiguous [r, d] box of Q and dO, so a producer warp br
 into shared memory by TMA ahead of their use (a three-step ring), with their lse and delta and the step's
 per-query facts; K and V stay in shared memory; the five products are asynchronous wgmmas of two
 consumer warpgroups; dQ leaves through shared memory while dK's product still runs, by TMA stores
-that a third warp issues (round 15). H100, 128K: 72.4 -> 47.8 ms for the kernel (round 7), -> ~46.5
-ms with the overlapped dQ stores (round 8), then 6% less with the storer warp (round 15;
-docs/kernel_notes.md).
+that a third warp issues (`hopper_common.row_storer`). H100, 128K: 72.4 -> 47.8 ms for the kernel
+(round 7), -> ~46.5 ms with the overlapped dQ stores (round 8), then 6% less with the storer warp
+(round 15; docs/kernel_notes.md).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from msa_megatron.ops.triton.hopper_common import (
     end_ring,
     init_ring,
     query_value,
+    row_storer,
     rows_desc,
     start_ring,
     tile_header,
@@ -113,34 +114,6 @@ def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delt
 
 
 @gluon.jit
-def _dq_storer(dq_desc, dq_smem, dq_full, dq_empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk,
-               H: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr):
-    """One warp: each step's dQ shares from shared memory to their per-slot rows, one TMA store per
-    query. The consumers only fill the buffer and signal it: when they issued the stores themselves,
-    one warp's four issues and flushes in a row held both warpgroups at the next barrier (13% of
-    their stall samples; the kernel is 6% faster without them, H100, round 15)."""
-    BQ: gl.constexpr = BLOCK_M // R
-    q_layout: gl.constexpr = gl.BlockedLayout([BQ], [32], [1], [0])
-    jq = gl.arange(0, BQ, layout=q_layout)
-    for step in range(gl.cdiv(cnt, BQ)):
-        b = step % 2
-        ej = step * BQ + jq
-        ok = ej < cnt
-        tok = gl.load(entry_tok + e0 + ej, mask=ok, other=q0)
-        slot = gl.load(entry_slot + e0 + ej, mask=ok, other=0)
-        dq_row = gl.where(ok, (slot * chunk + tok - q0) * H + g * R, -1)
-        mbarrier.wait(dq_full.index(b), (step // 2) & 1)
-        for j in gl.static_range(BQ):
-            row_j = query_value(dq_row, jq, j)
-            if row_j >= 0:
-                tma.async_copy_shared_to_global(dq_desc, [row_j, 0], dq_smem.index(b).slice(j * R, R))
-        tma.store_wait(0)  # the buffer has been read: the consumers may refill it
-        gl.thread_barrier()
-        mbarrier.arrive(dq_empty.index(b))
-    tma.store_wait(0)
-
-
-@gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready, empty,
               kv_bar, dq_full, dq_empty, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
               g, row, slot, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale, qk_scale,
@@ -187,7 +160,9 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, 
         dp_tok = warpgroup_mma(v_cur, dos.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout),
                                use_acc=False, is_async=True)
         kpos_q = meta_smem.index(st * META_ROWS + META_KPOS).load(q_layout)
-        lse = lse_smem.index(st).load(col_layout)  # loaded while S runs (round 14 saw it stall the FFMA below)
+        # loaded while S runs (round 14's sampling: loaded after the wait, it stalled the FFMA below;
+        # alone, the change measured even in round 15)
+        lse = lse_smem.index(st).load(col_layout)
 
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         s = s * qk_scale - lse[None, :]
@@ -296,7 +271,7 @@ def _sparse_bwd_hopper_kernel(
             (_producer, (q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ready,
                          empty, entry_tok, entry_slot, e0, cnt, g, q0, stride_ts, stride_tt, stride_tg,
                          H, D, R, BLOCK_M, STAGES, HAS_QPOS)),
-            (_dq_storer, (dq_desc, dq_smem, dq_full, dq_empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk,
+            (row_storer, (dq_desc, dq_smem, dq_full, dq_empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk,
                           H, R, BLOCK_M)),
         ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
         end_ring(ready, empty, kv_bar, STAGES)

@@ -7,7 +7,8 @@ producer warp gathers each step's Q rows by TMA (a query's r heads are one [r, d
 ahead; two consumer warpgroups take alternate steps, so one's softmax runs while the other's
 products hold the tensor cores. K and V stay in shared memory; S = Q K^T and O = P V are
 asynchronous wgmmas (P from registers); the O partials leave through shared memory by TMA stores
-that finish under the warpgroup's next step.
+that a storer warp issues (`hopper_common.row_storer`, round 15: 1.3% off the forward with its
+combine) and that finish under the warpgroup's next step.
 
 On by default since round 10 (`CONFIG["fwd_hopper"]`): results bitwise equal to the Triton kernel
 at 4K / 32K / 128K in one H100 A/B and the kernel 14-15% faster (docs/kernel_notes.md, round 9).
@@ -26,8 +27,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from msa_megatron.ops.triton.hopper_common import (
+    drop_ring,
     end_ring,
-    query_value,
+    init_ring,
+    row_storer,
     rows_desc,
     start_ring,
     tile_header,
@@ -45,9 +48,8 @@ PRODUCER_REGS = gl.constexpr(24)
 ROW_KPOS = gl.constexpr(0)
 ROW_LPART = gl.constexpr(1)
 ROW_FACTS = gl.constexpr(2)
-Q_OROW = gl.constexpr(0)
-Q_ZERO = gl.constexpr(1)
-Q_FACTS = gl.constexpr(2)
+Q_ZERO = gl.constexpr(0)
+Q_FACTS = gl.constexpr(1)
 
 
 def serves(q, k, v, o_part, l_part, block_m: int, block_n: int) -> bool:
@@ -60,17 +62,16 @@ def serves(q, k, v, o_part, l_part, block_m: int, block_n: int) -> bool:
 
 @gluon.jit
 def _fwd_producer(q_desc, QPOS, q_smem, row_smem, qf_smem, ready, empty, entry_tok, entry_slot, e0, cnt, g, q0,
-                  chunk, stride_ls, stride_lt,
+                  stride_ls, stride_lt,
                   H: gl.constexpr, D: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                   HAS_QPOS: gl.constexpr):
-    """One warp: a step's Q rows by TMA, its rows' key positions and lse offsets, its queries' O rows.
+    """One warp: a step's Q rows by TMA, its rows' key positions and lse offsets.
     Rows past the tile's last entry repeat the last query (finite values; masked, not stored)."""
     BQ: gl.constexpr = BLOCK_M // R
     nbytes: gl.constexpr = BLOCK_M * D * q_desc.dtype.primitive_bitwidth // 8
     vec_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     q_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     m = gl.arange(0, BLOCK_M, layout=vec_layout)
-    j = gl.arange(0, BQ, layout=q_layout)
     for step in range(gl.cdiv(cnt, BQ)):
         st = step % STAGES
         e = step * BQ + m // R
@@ -82,11 +83,6 @@ def _fwd_producer(q_desc, QPOS, q_smem, row_smem, qf_smem, ready, empty, entry_t
         else:
             kpos = gl.where(ok, tok, -1)
         lrow = slot * stride_ls + (tok - q0) * stride_lt + g * R + m % R
-        ej = step * BQ + j
-        okj = ej < cnt
-        tokj = gl.load(entry_tok + e0 + ej, mask=okj, other=q0)
-        slotj = gl.load(entry_slot + e0 + ej, mask=okj, other=0)
-        orow = gl.where(okj, (slotj * chunk + tokj - q0) * H + g * R, -1)
         mbarrier.wait(empty.index(st), ((step // STAGES) & 1) ^ 1, pred=step >= STAGES)
         bar = ready.index(st)
         mbarrier.expect(bar, nbytes)
@@ -95,14 +91,14 @@ def _fwd_producer(q_desc, QPOS, q_smem, row_smem, qf_smem, ready, empty, entry_t
             tma.async_copy_global_to_shared(q_desc, [row, 0], bar, q_smem.index(st).slice(i * R, R))
         row_smem.index(st * ROW_FACTS + ROW_KPOS).store(kpos)
         row_smem.index(st * ROW_FACTS + ROW_LPART).store(lrow)
-        qf_smem.index(st * Q_FACTS + Q_OROW).store(orow)
         qf_smem.index(st * Q_FACTS + Q_ZERO).store(gl.zeros([BQ], gl.int32, q_layout))
         gl.thread_barrier()
         mbarrier.arrive(bar)
 
 
 @gluon.jit
-def _fwd_consumer(k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_desc, L_part,
+def _fwd_consumer(k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_full, o_empty, o_desc,
+                  L_part,
                   cnt, key_start, key_end, qk_scale,
                   PART: gl.constexpr, D: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -119,7 +115,6 @@ def _fwd_consumer(k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empt
     q_layout: gl.constexpr = gl.BlockedLayout([BQ], [32], [4], [0])
 
     key_tok = key_start + gl.arange(0, BLOCK_N, layout=key_layout)
-    jq = gl.arange(0, BQ, layout=q_layout)
     last_key = gl.where(key_end - key_start == BLOCK_N, key_start + BLOCK_N - 1, 2147483647)
     o_buf = o_smem.index(PART)
     mbarrier.wait(kv_bar, 0)
@@ -134,7 +129,6 @@ def _fwd_consumer(k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empt
                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         kpos = row_smem.index(st * ROW_FACTS + ROW_KPOS).load(row_layout)
         lrow = row_smem.index(st * ROW_FACTS + ROW_LPART).load(row_layout)
-        orow = qf_smem.index(st * Q_FACTS + Q_OROW).load(q_layout)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         gl.thread_barrier()  # every thread's S is done: the step's Q rows and facts go back
         mbarrier.arrive(empty.index(st))
@@ -151,15 +145,12 @@ def _fwd_consumer(k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empt
         gl.store(L_part + lrow, (m + gl.log2(l)) * _LN2, mask=kpos >= 0)
         o = warpgroup_mma_wait(0, deps=(o_tok,))
         o = o / gl.convert_layout(l, gl.SliceLayout(1, o_layout))[:, None]
-        tma.store_wait(0)  # this warpgroup's previous step left o_buf
+        # the storer warp has read this warpgroup's previous step out of o_buf
+        mbarrier.wait(o_empty.index(PART), ((step // 2) & 1) ^ 1, pred=step >= 2)
         o_buf.store(o.to(dtype))
         fence_async_shared()
         gl.thread_barrier()
-        for j in gl.static_range(BQ):
-            row_j = query_value(orow, jq, j)
-            if row_j >= 0:
-                tma.async_copy_shared_to_global(o_desc, [row_j, 0], o_buf.slice(j * R, R))
-    tma.store_wait(0)
+        mbarrier.arrive(o_full.index(PART))
 
 
 @gluon.jit
@@ -186,16 +177,21 @@ def _sparse_fwd_hopper_kernel(
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        o_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        o_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         start_ring(ready, empty, kv_bar, k_desc, v_desc, k_smem, v_smem, key_start, g, D, STAGES)
+        init_ring(o_full, o_empty, 2, 1)
         gl.warp_specialize([
-            (_fwd_consumer, (k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_desc, L_part,
-                             cnt, key_start, key_end, qk_scale, 0, D, R, BLOCK_M, BLOCK_N, STAGES)),
-            (_fwd_consumer, (k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_desc, L_part,
-                             cnt, key_start, key_end, qk_scale, 1, D, R, BLOCK_M, BLOCK_N, STAGES)),
+            (_fwd_consumer, (k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_full, o_empty,
+                             o_desc, L_part, cnt, key_start, key_end, qk_scale, 0, D, R, BLOCK_M, BLOCK_N, STAGES)),
+            (_fwd_consumer, (k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_full, o_empty,
+                             o_desc, L_part, cnt, key_start, key_end, qk_scale, 1, D, R, BLOCK_M, BLOCK_N, STAGES)),
             (_fwd_producer, (q_desc, QPOS, q_smem, row_smem, qf_smem, ready, empty, entry_tok, entry_slot, e0, cnt,
-                             g, q0, chunk, stride_ls, stride_lt, H, D, R, BLOCK_M, STAGES, HAS_QPOS)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+                             g, q0, stride_ls, stride_lt, H, D, R, BLOCK_M, STAGES, HAS_QPOS)),
+            (row_storer, (o_desc, o_smem, o_full, o_empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk, H, R, BLOCK_M)),
+        ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
         end_ring(ready, empty, kv_bar, STAGES)
+        drop_ring(o_full, o_empty, 2)
 
 
 class HopperForward:
