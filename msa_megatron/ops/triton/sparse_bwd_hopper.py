@@ -73,8 +73,8 @@ def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delt
     Step s's rows are query (s * BQ + j)'s r heads: one [r, d] box of Q and dO each by TMA; their
     lse (times log2 e) and delta by plain loads (64-byte pieces: too small for TMA's 128-byte
     aligned destinations); and per query its key position (-1 past the tile's last entry) and its
-    teacher offset. Rows past the last entry repeat the last
-    query (finite values that the mask zeroes), so every step expects the same bytes.
+    teacher offset. Rows past the last entry repeat the last query (finite values that the mask
+    zeroes), so every step expects the same bytes.
     """
     BQ: gl.constexpr = BLOCK_M // R
     nbytes: gl.constexpr = 2 * BLOCK_M * D * q_desc.dtype.primitive_bitwidth // 8
