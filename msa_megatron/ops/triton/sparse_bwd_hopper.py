@@ -115,13 +115,13 @@ def _producer(q_desc, do_desc, LSE, DELTA, QPOS, q_smem, do_smem, lse_smem, delt
 
 @gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready, empty,
-              kv_bar, dq_full, dq_empty, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
+              kv_bar, dq_full, dq_empty, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
               g, row, slot, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale, qk_scale,
               D: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, WITH_TEACHER: gl.constexpr):
     """Two warpgroups: the five products of every step, dQ shares to the storer, dK/dV at the end."""
     BQ: gl.constexpr = BLOCK_M // R
-    dtype: gl.constexpr = dq_desc.dtype
+    dtype: gl.constexpr = dq_smem.dtype
     # S^T / dP^T [keys, rows] and dK / dV [keys, d]: each warpgroup owns 64 keys. dQ [rows, d]:
     # each warpgroup owns half of d.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
@@ -264,7 +264,7 @@ def _sparse_bwd_hopper_kernel(
 
         gl.warp_specialize([
             (_consumer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, meta_smem, ds_smem, dq_smem, ready,
-                         empty, kv_bar, dq_full, dq_empty, dq_desc, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
+                         empty, kv_bar, dq_full, dq_empty, DK_ws, DV_ws, DK_acc, DV_acc, TEACHER, seg_tile_count,
                          g, row, t - tile0, cnt, key_start, key_end, seg0, n_rows, stride_at, stride_ag, sm_scale,
                          qk_scale,
                          D, R, BLOCK_M, BLOCK_N, STAGES, WITH_TEACHER)),

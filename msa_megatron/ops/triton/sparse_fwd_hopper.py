@@ -97,14 +97,13 @@ def _fwd_producer(q_desc, QPOS, q_smem, row_smem, qf_smem, ready, empty, entry_t
 
 
 @gluon.jit
-def _fwd_consumer(k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_full, o_empty, o_desc,
-                  L_part,
+def _fwd_consumer(k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_full, o_empty, L_part,
                   cnt, key_start, key_end, qk_scale,
                   PART: gl.constexpr, D: gl.constexpr, R: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """One warpgroup: steps PART, PART + 2, ... of the tile."""
     BQ: gl.constexpr = BLOCK_M // R
-    dtype: gl.constexpr = o_desc.dtype
+    dtype: gl.constexpr = o_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -183,9 +182,9 @@ def _sparse_fwd_hopper_kernel(
         init_ring(o_full, o_empty, 2, 1)
         gl.warp_specialize([
             (_fwd_consumer, (k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_full, o_empty,
-                             o_desc, L_part, cnt, key_start, key_end, qk_scale, 0, D, R, BLOCK_M, BLOCK_N, STAGES)),
+                             L_part, cnt, key_start, key_end, qk_scale, 0, D, R, BLOCK_M, BLOCK_N, STAGES)),
             (_fwd_consumer, (k_smem, v_smem, q_smem, row_smem, qf_smem, o_smem, ready, empty, kv_bar, o_full, o_empty,
-                             o_desc, L_part, cnt, key_start, key_end, qk_scale, 1, D, R, BLOCK_M, BLOCK_N, STAGES)),
+                             L_part, cnt, key_start, key_end, qk_scale, 1, D, R, BLOCK_M, BLOCK_N, STAGES)),
             (_fwd_producer, (q_desc, QPOS, q_smem, row_smem, qf_smem, ready, empty, entry_tok, entry_slot, e0, cnt,
                              g, q0, stride_ls, stride_lt, H, D, R, BLOCK_M, STAGES, HAS_QPOS)),
             (row_storer, (o_desc, o_smem, o_full, o_empty, entry_tok, entry_slot, e0, cnt, g, q0, chunk, H, R, BLOCK_M)),
