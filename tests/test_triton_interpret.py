@@ -427,3 +427,34 @@ else:
         dqi_r, dki_r = ref.indexer_kl_grads(*args, total_groups=3)
         assert kl.item() == pytest.approx(ref.indexer_kl(*args, total_groups=3).item(), rel=1e-3)
         assert rel(dqi, dqi_r) < 1e-2 and rel(dki, dki_r) < 1e-2
+
+    def test_slot_sums_address_partial_buffers_past_two_to_the_31_elements():
+        """The combine and slot-sum kernels index [k, chunk, H, d] partials whose far slots lie past
+        2^31 elements (k 17 at chunk 16384, 64 heads, d 128, the defaults past 32K): their offsets
+        must be 64-bit. The buffers here are that large but untouched outside the rows used, so the
+        allocation stays virtual."""
+        from msa_megatron.ops.triton import sparse_attn
+
+        k, d, n = 17, 16, 2
+        chunk = (1 << 31) // ((k - 1) * d)  # slot k-1 starts exactly at element 2^31
+        g = torch.Generator().manual_seed(0)
+        o_part = torch.empty((k, chunk, 1, d), dtype=torch.bfloat16)
+        l_part = torch.empty((k, chunk, 1), dtype=torch.float32)
+        o_part[:, :n] = torch.randn(k, n, 1, d, generator=g).to(torch.bfloat16)
+        l_part[:, :n] = torch.randn(k, n, 1, generator=g)
+        topk = torch.arange(k, dtype=torch.int32).expand(1, n, k).contiguous()
+        w = torch.softmax(l_part[:, :n].double(), 0)  # [k, n, 1]
+        want = (w[..., None] * o_part[:, :n].double()).sum(0)
+        o = torch.zeros((n, 1, d), dtype=torch.bfloat16)
+        lse = torch.zeros((n, 1), dtype=torch.float32)
+        sparse_attn._sparse_combine_kernel[(n, 1)](
+            o_part, l_part, topk, o, lse, 0, n, k,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+            topk.stride(0), topk.stride(1), o.stride(0), o.stride(1), lse.stride(0),
+            KP=32, HEAD_DIM=d, D=d, R=1, RP=1, ROWS=1, num_warps=4,
+        )
+        assert rel(o, want) < 1e-2
+        assert rel(lse, torch.logsumexp(l_part[:, :n].double(), 0)) < 1e-6
+        total = torch.zeros((n, 1, d), dtype=torch.float32)
+        sparse_attn.slot_sum(o_part, topk, total, 0, n, 1.0, 1)
+        assert rel(total, o_part[:, :n].double().sum(0)) < 1e-5

@@ -142,18 +142,22 @@ def _sparse_combine_kernel(
     # All slots' lse at once: [KP, ROWS].
     slot_ok = (offs_s[:, None] < n_slot) & ok[None, :]
     valid2 = slot_ok & (tl.load(sel[None, :] + offs_s[:, None], mask=slot_ok, other=-1) >= 0)
-    lp = tl.load(L_part + offs_s[:, None] * stride_ls + il[None, :] * stride_lt + head[None, :], mask=valid2,
-                 other=float("-inf"))
+    lp = tl.load(L_part + offs_s.to(tl.int64)[:, None] * stride_ls + il[None, :] * stride_lt + head[None, :],
+                 mask=valid2, other=float("-inf"))
     m = tl.where(ok, tl.max(lp, 0), 0.0)
     den = tl.where(ok, tl.sum(tl.exp(lp - m[None, :]), 0), 1.0)
     lse = m + tl.log(den)
     acc = tl.zeros([ROWS, D], tl.float32)
+    # Slot s's partials: the pointers advance by a slot per step (64-bit pointer sums; s * stride_ps in
+    # int32 wraps once the buffer passes 2^31 elements, e.g. k 17 at the 16384-query chunk, 64 heads).
+    l_ptr = L_part + il * stride_lt + head
+    o_ptr = O_part + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
     for s in range(0, n_slot):
         valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
-        w = tl.exp(tl.load(L_part + s * stride_ls + il * stride_lt + head, mask=valid, other=float("-inf")) - lse)
-        op = tl.load(O_part + s * stride_ps + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :],
-                     mask=valid[:, None] & dmask, other=0.0)
-        acc += w[:, None] * op.to(tl.float32)
+        w = tl.exp(tl.load(l_ptr, mask=valid, other=float("-inf")) - lse)
+        acc += w[:, None] * tl.load(o_ptr, mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
+        l_ptr += stride_ls
+        o_ptr += stride_ps
     it = i.to(tl.int64)
     tl.store(O + it[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=ok[:, None] & dmask)
@@ -348,11 +352,14 @@ def _slot_sum_kernel(
     sel = TopK + g.to(tl.int64) * stride_kg + i.to(tl.int64) * stride_kt
     dmask = (offs_d < HEAD_DIM)[None, :]
     acc = tl.zeros([ROWS, D], tl.float32)
+    # pointers advance a slot / a slice per step: 64-bit sums, as in the combine kernel
+    s_ptr = Part + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
     for s in range(0, n_slot):
         valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
         for x in range(0, n_slice):
-            acc += tl.load(Part + x * stride_px + s * stride_ps + il[:, None] * stride_pt + head[:, None] * stride_ph
-                           + offs_d[None, :], mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
+            acc += tl.load(s_ptr + tl.cast(x, tl.int64) * stride_px, mask=valid[:, None] & dmask,
+                           other=0.0).to(tl.float32)
+        s_ptr += stride_ps
     it = i.to(tl.int64)
     tl.store(Out + it[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              (acc * scale).to(Out.dtype.element_ty), mask=ok[:, None] & dmask)
