@@ -204,16 +204,23 @@ def sparse_forward(q, k, v, topk, plan: SparsePlan, softmax_scale: float):
                         HEAD_DIM=d, D=D, R=r, BLOCK_M=block_m, BLOCK_N=plan.block_size, HAS_QPOS=plan.has_qpos,
                         PREFETCH=cfg["fwd_prefetch"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
                     )
-        rows = _rows_per_program(r, d)
-        with timed("sparse fwd combine"):
-            _sparse_combine_kernel[(triton.cdiv(q1 - q0, rows // next_pow2(r)), groups)](
-                o_part, l_part, topk, o, lse,
-                q0, q1, nslot,
-                o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
-                topk.stride(0), topk.stride(1), o.stride(0), o.stride(1), lse.stride(0),
-                KP=next_pow2(nslot), HEAD_DIM=d, D=D, R=r, RP=next_pow2(r), ROWS=rows, num_warps=4,
-            )
+        combine(o_part, l_part, topk, o, lse, q0, q1, r)
     return o, lse
+
+
+def combine(o_part, l_part, topk, o, lse, q0, q1, r):
+    """o[q0:q1], lse[q0:q1] from the slot partials o_part [k, chunk, H, d], l_part [k, chunk, H]."""
+    d = o.shape[-1]
+    rows = _rows_per_program(r, d)
+    with timed("sparse fwd combine"):
+        _sparse_combine_kernel[(triton.cdiv(q1 - q0, rows // next_pow2(r)), topk.shape[0])](
+            o_part, l_part, topk, o, lse,
+            q0, q1, topk.shape[-1],
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+            topk.stride(0), topk.stride(1), o.stride(0), o.stride(1), lse.stride(0),
+            KP=next_pow2(topk.shape[-1]), HEAD_DIM=d, D=max(16, next_pow2(d)), R=r, RP=next_pow2(r), ROWS=rows,
+            num_warps=4,
+        )
 
 
 # --------------------------------------------------------------------------- backward
