@@ -432,14 +432,18 @@ else:
         """The combine and slot-sum kernels index [k, chunk, H, d] partials whose far slots lie past
         2^31 elements (k 17 at chunk 16384, 64 heads, d 128, the defaults past 32K): their offsets
         must be 64-bit. The buffers here are that large but untouched outside the rows used, so the
-        allocation stays virtual."""
+        allocation stays virtual. (Smaller buffers keep the faster int32 offsets: `wide`.)"""
         from msa_megatron.ops.triton import sparse_attn
+
+        assert not sparse_attn.wide(torch.empty(2**31, device="meta"))  # last offset 2^31 - 1
+        assert sparse_attn.wide(torch.empty(2**31 + 1, device="meta"))
 
         k, d, n = 17, 16, 2
         chunk = (1 << 31) // ((k - 1) * d)  # slot k-1 starts exactly at element 2^31
         g = torch.Generator().manual_seed(0)
         o_part = torch.empty((k, chunk, 1, d), dtype=torch.bfloat16)
         l_part = torch.empty((k, chunk, 1), dtype=torch.float32)
+        assert sparse_attn.wide(o_part)
         o_part[:, :n] = torch.randn(k, n, 1, d, generator=g).to(torch.bfloat16)
         l_part[:, :n] = torch.randn(k, n, 1, generator=g)
         topk = torch.arange(k, dtype=torch.int32).expand(1, n, k).contiguous()
