@@ -116,6 +116,15 @@ def _gather_step(Q, entry_tok, entry_slot, e0, cnt, s0, q_in, row_used, head, of
 
 
 @triton.jit
+def _slot_index(s, WIDE: tl.constexpr):
+    """A slot (or slice) index for offset arithmetic: int64 when the buffer is `wide`, else as it is
+    (int32), which keeps round 15's code for every smaller buffer."""
+    if WIDE:
+        s = tl.cast(s, tl.int64)
+    return s
+
+
+@triton.jit
 def _sparse_combine_kernel(
     O_part, L_part, TopK, O, LSE,
     q0, q1, n_slot,
@@ -143,32 +152,19 @@ def _sparse_combine_kernel(
     # All slots' lse at once: [KP, ROWS].
     slot_ok = (offs_s[:, None] < n_slot) & ok[None, :]
     valid2 = slot_ok & (tl.load(sel[None, :] + offs_s[:, None], mask=slot_ok, other=-1) >= 0)
-    if WIDE:
-        s_lse = offs_s.to(tl.int64)[:, None] * stride_ls
-    else:
-        s_lse = offs_s[:, None] * stride_ls
-    lp = tl.load(L_part + s_lse + il[None, :] * stride_lt + head[None, :], mask=valid2, other=float("-inf"))
+    lp = tl.load(L_part + _slot_index(offs_s, WIDE)[:, None] * stride_ls + il[None, :] * stride_lt + head[None, :],
+                 mask=valid2, other=float("-inf"))
     m = tl.where(ok, tl.max(lp, 0), 0.0)
     den = tl.where(ok, tl.sum(tl.exp(lp - m[None, :]), 0), 1.0)
     lse = m + tl.log(den)
     acc = tl.zeros([ROWS, D], tl.float32)
-    if WIDE:
-        # the pointers advance by a slot per step: 64-bit pointer sums
-        l_ptr = L_part + il * stride_lt + head
-        o_ptr = O_part + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
-        for s in range(0, n_slot):
-            valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
-            w = tl.exp(tl.load(l_ptr, mask=valid, other=float("-inf")) - lse)
-            acc += w[:, None] * tl.load(o_ptr, mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
-            l_ptr += stride_ls
-            o_ptr += stride_ps
-    else:
-        for s in range(0, n_slot):
-            valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
-            w = tl.exp(tl.load(L_part + s * stride_ls + il * stride_lt + head, mask=valid, other=float("-inf")) - lse)
-            op = tl.load(O_part + s * stride_ps + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :],
-                         mask=valid[:, None] & dmask, other=0.0)
-            acc += w[:, None] * op.to(tl.float32)
+    for s in range(0, n_slot):
+        valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
+        sw = _slot_index(s, WIDE)
+        w = tl.exp(tl.load(L_part + sw * stride_ls + il * stride_lt + head, mask=valid, other=float("-inf")) - lse)
+        op = tl.load(O_part + sw * stride_ps + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :],
+                     mask=valid[:, None] & dmask, other=0.0)
+        acc += w[:, None] * op.to(tl.float32)
     it = i.to(tl.int64)
     tl.store(O + it[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=ok[:, None] & dmask)
@@ -380,22 +376,12 @@ def _slot_sum_kernel(
     sel = TopK + g.to(tl.int64) * stride_kg + i.to(tl.int64) * stride_kt
     dmask = (offs_d < HEAD_DIM)[None, :]
     acc = tl.zeros([ROWS, D], tl.float32)
-    if WIDE:
-        # the pointers advance a slot / a slice per step: 64-bit sums, as in the combine kernel
-        s_ptr = Part + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
-        for s in range(0, n_slot):
-            valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
-            for x in range(0, n_slice):
-                acc += tl.load(s_ptr + tl.cast(x, tl.int64) * stride_px, mask=valid[:, None] & dmask,
-                               other=0.0).to(tl.float32)
-            s_ptr += stride_ps
-    else:
-        for s in range(0, n_slot):
-            valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
-            for x in range(0, n_slice):
-                acc += tl.load(Part + x * stride_px + s * stride_ps + il[:, None] * stride_pt
-                               + head[:, None] * stride_ph + offs_d[None, :], mask=valid[:, None] & dmask,
-                               other=0.0).to(tl.float32)
+    for s in range(0, n_slot):
+        valid = ok & (tl.load(sel + s, mask=ok, other=-1) >= 0)
+        for x in range(0, n_slice):
+            acc += tl.load(Part + _slot_index(x, WIDE) * stride_px + _slot_index(s, WIDE) * stride_ps
+                           + il[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :],
+                           mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
     it = i.to(tl.int64)
     tl.store(Out + it[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              (acc * scale).to(Out.dtype.element_ty), mask=ok[:, None] & dmask)
