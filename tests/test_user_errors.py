@@ -85,6 +85,19 @@ def test_world_size_from_the_environment(capsys, world, monkeypatch):
     fails_cleanly(capsys, world, [], "config error", r"WORLD_SIZE='two': must be a positive integer")
 
 
+@pytest.mark.parametrize(
+    "name, value, pattern",
+    [
+        ("MSA_QUERY_CHUNK", "8k", r"MSA_QUERY_CHUNK='8k': must be a positive integer"),
+        ("MSA_QUERY_CHUNK", "0", r"MSA_QUERY_CHUNK='0': must be a positive integer"),
+        ("MSA_DENSE_BACKEND", "cudnn_fast", r"MSA_DENSE_BACKEND='cudnn_fast': must be one of auto, triton, cudnn_batched"),
+    ],
+)
+def test_kernel_knobs_from_the_environment(capsys, world, monkeypatch, name, value, pattern):
+    monkeypatch.setenv(name, value)
+    fails_cleanly(capsys, world, [], "config error", pattern)
+
+
 # ------------------------------------------------------------------------------------- data
 
 

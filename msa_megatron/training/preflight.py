@@ -12,6 +12,7 @@ from msa_megatron.config import ConfigError, RunConfig, validate
 def check(cfg: RunConfig) -> None:
     check_world_size(cfg)
     check_backend(cfg)
+    check_kernel_environment()
     if cfg.data.type == "indexed":
         from msa_megatron.data.blend import check_blend
 
@@ -49,3 +50,19 @@ def check_backend(cfg: RunConfig) -> None:
         import triton  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"attention.backend='triton': Triton is not importable ({e})") from None
+
+
+def check_kernel_environment() -> None:
+    """The Triton kernels' environment knobs, which they read only mid-step."""
+    if not any(os.environ.get(name) for name in ("MSA_QUERY_CHUNK", "MSA_DENSE_BACKEND")):
+        return
+    try:
+        from msa_megatron.ops.triton.common import query_chunk
+        from msa_megatron.ops.triton.dense_lib import forced_backend
+    except ImportError:  # no Triton: no kernel reads them
+        return
+    try:
+        query_chunk()
+        forced_backend()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

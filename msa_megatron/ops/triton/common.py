@@ -64,6 +64,8 @@ def query_chunk(total: int = 1 << 30) -> int:
     """
     env = os.environ.get("MSA_QUERY_CHUNK")
     if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"MSA_QUERY_CHUNK={env!r}: must be a positive integer (queries per sparse-kernel pass)")
         return int(env)
     return 8192 if total <= 32768 else 16384
 

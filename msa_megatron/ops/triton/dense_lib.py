@@ -204,13 +204,22 @@ def _agrees(errs) -> bool:
     return errs["o"] < 2e-2 and errs["lse_abs"] < 1e-2 and all(errs[g] < 3e-2 for g in ("dq", "dk", "dv"))
 
 
+def forced_backend() -> str:
+    """MSA_DENSE_BACKEND: 'auto' (probe), 'triton' or a candidate name; anything else is refused."""
+    forced = os.environ.get("MSA_DENSE_BACKEND", "auto")
+    known = ("auto", "triton", *dict.fromkeys(n for names in CANDIDATES.values() for n in names))
+    if forced not in known:
+        raise ValueError(f"MSA_DENSE_BACKEND={forced!r}: must be one of {', '.join(known)}")
+    return forced
+
+
 def choose(q, k, kind, reference) -> str:
     """The library candidate for these tensors and batch kind, or 'triton' (see module docstring).
 
     MSA_DENSE_BACKEND=<candidate> forces one (no check); `reference(q, k, v, do, cu, scale)` returns
     (o, lse, (dq, dk, dv)) from our kernels.
     """
-    forced = os.environ.get("MSA_DENSE_BACKEND", "auto")
+    forced = forced_backend()
     if forced != "auto":
         return forced if forced == "triton" or forced in CANDIDATES[kind] else "triton"
     key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], kind)
