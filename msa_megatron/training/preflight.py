@@ -54,8 +54,6 @@ def check_backend(cfg: RunConfig) -> None:
 
 def check_kernel_environment() -> None:
     """The Triton kernels' environment knobs, which they read only mid-step."""
-    if not any(os.environ.get(name) for name in ("MSA_QUERY_CHUNK", "MSA_DENSE_BACKEND")):
-        return
     try:
         from msa_megatron.ops.triton.common import query_chunk
         from msa_megatron.ops.triton.dense_lib import forced_backend

@@ -33,6 +33,7 @@ CANDIDATES = {
     "docs": ("cudnn_docs", "cudnn", "cudnn_kv", "flash"),
     "varlen": ("cudnn", "cudnn_kv", "flash"),
 }
+FORCEABLE = ("auto", "triton", *dict.fromkeys(n for names in CANDIDATES.values() for n in names))  # MSA_DENSE_BACKEND
 LONG_DOC = 1024  # tokens: a shorter document costs less than a call of its own (cudnn_docs)
 _CALL_STATE = 3  # tensors cudnn_docs keeps per call: flash's state, or cuDNN's without its o
 PROBES = {}  # (device, dtype, Hq, Hkv, d, kind) -> {candidate: errors or the exception}
@@ -207,9 +208,8 @@ def _agrees(errs) -> bool:
 def forced_backend() -> str:
     """MSA_DENSE_BACKEND: 'auto' (probe), 'triton' or a candidate name; anything else is refused."""
     forced = os.environ.get("MSA_DENSE_BACKEND", "auto")
-    known = ("auto", "triton", *dict.fromkeys(n for names in CANDIDATES.values() for n in names))
-    if forced not in known:
-        raise ValueError(f"MSA_DENSE_BACKEND={forced!r}: must be one of {', '.join(known)}")
+    if forced not in FORCEABLE:
+        raise ValueError(f"MSA_DENSE_BACKEND={forced!r}: must be one of {', '.join(FORCEABLE)}")
     return forced
 
 
